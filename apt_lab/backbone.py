@@ -1,0 +1,386 @@
+"""The frozen CLIP backbone: multi-layer patch features in the joint space, and a text path with injected vectors.
+
+A backbone is named by two strings, as in open_clip: a model name (``"ViT-B-16"``) and a pretrained tag
+(``"openai"``), a local checkpoint file, or ``None`` for random weights. ``"apt-tiny"`` is a small registered
+configuration (9 M parameters, the real CLIP tokenizer) for CPU tests and quick-mode notebooks.
+
+Every image tensor in apt_lab holds pixels in [0, 1], shape (B, 3, S, S) at the backbone's ``image_size``;
+the backbone normalises with the model's mean/std itself, so perturbations never see normalised values.
+
+Example:
+    >>> import apt_lab
+    >>> b = apt_lab.load_backbone("apt-tiny")
+    >>> b.grid, b.embed_dim, b.layers
+    ((14, 14), 128, (1, 2, 3, 4))
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode
+
+from .errors import UnknownBackboneError, WeightsUnavailableError
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)  # registers "apt-tiny" next to open_clip's own architectures
+
+# CLIP's mean/std; every open_clip tag apt_lab presets use shares them.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+log = logging.getLogger(__name__)
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced vision blocks to tap, 1-based, ending at the last block.
+
+    Example:
+        >>> default_layers(24), default_layers(12), default_layers(4)
+        ((6, 12, 18, 24), (3, 6, 9, 12), (1, 2, 3, 4))
+    """
+    if depth < 4:
+        return tuple(range(1, depth + 1))
+    return tuple(depth * q // 4 for q in (1, 2, 3, 4))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class ImageFeatures:
+    """What the vision tower gives anomaly detection, all in the joint image-text space, L2-normalised.
+
+    Attributes:
+        cls: (B, D) the pooled image embedding (what ``encode_image`` returns, normalised).
+        patches: (L, B, N, D) patch tokens of the L tapped blocks, each through ``ln_post`` and ``proj``.
+        grid: (h, w) patch grid, h * w == N.
+    """
+
+    cls: torch.Tensor
+    patches: torch.Tensor
+    grid: tuple[int, int]
+
+    def to(self, device) -> "ImageFeatures":
+        return ImageFeatures(self.cls.to(device), self.patches.to(device), self.grid)
+
+    def __getitem__(self, index) -> "ImageFeatures":
+        """Select images: ``features[2:5]`` or ``features[tensor_of_indices]``."""
+        return ImageFeatures(self.cls[index], self.patches[:, index], self.grid)
+
+    @staticmethod
+    def cat(items: Sequence["ImageFeatures"]) -> "ImageFeatures":
+        return ImageFeatures(
+            torch.cat([f.cls for f in items]), torch.cat([f.patches for f in items], dim=1), items[0].grid
+        )
+
+
+class Backbone:
+    """A frozen open_clip model wrapped for anomaly detection. Build it with :func:`load_backbone`.
+
+    Attributes:
+        model: the open_clip ``CLIP`` module (eval mode, ``requires_grad=False`` everywhere).
+        name, pretrained: what it was built from; ``pretrained_loaded`` is False for random weights.
+        layers: 1-based vision blocks whose patch tokens ``encode_images`` returns.
+        image_size: side S of the square input; ``grid`` = (S // patch, S // patch); ``embed_dim`` = D.
+        context_length: text positions of the model (77 for CLIP).
+    """
+
+    def __init__(self, model, name: str, pretrained: str | None, pretrained_loaded: bool,
+                 layers: Sequence[int] | None, device: torch.device, mean=OPENAI_MEAN, std=OPENAI_STD):
+        if not hasattr(model, "token_embedding") or not hasattr(model.visual, "conv1"):
+            raise UnknownBackboneError(
+                f"backbone {name!r} is not a ViT CLIP with open_clip's built-in text transformer; apt_lab "
+                "needs both (patch tokens and injectable prompt embeddings). Use e.g. 'ViT-B-16', "
+                "'ViT-L-14-336', 'ViT-B-16-plus-240' or 'apt-tiny'.")
+        self.model = model.eval().requires_grad_(False)
+        self.name, self.pretrained, self.pretrained_loaded = name, pretrained, pretrained_loaded
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        visual = model.visual
+        depth = len(visual.transformer.resblocks)
+        self.layers = tuple(layers) if layers is not None else default_layers(depth)
+        bad = [l for l in self.layers if not 1 <= l <= depth]
+        if bad:
+            raise ValueError(f"layers={list(self.layers)}: blocks {bad} do not exist; {name} has vision blocks "
+                             f"1..{depth}. Pass 1-based block numbers, e.g. {list(default_layers(depth))}.")
+        self.patch_size = visual.patch_size[0]
+        self.image_size = visual.image_size[0]
+        self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
+        self.embed_dim = int(model.text_projection.shape[-1] if not isinstance(model.text_projection, torch.nn.Linear)
+                             else model.text_projection.out_features)
+        self.context_length = int(model.positional_embedding.shape[0])
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __repr__(self) -> str:
+        weights = self.pretrained if self.pretrained_loaded else "random weights"
+        return (f"Backbone({self.name}, {weights}, image_size={self.image_size}, grid={self.grid}, "
+                f"embed_dim={self.embed_dim}, layers={self.layers}, device={self.device})")
+
+    # ----------------------------------------------------------------------------------------- images
+    def preprocess(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:
+        """One PIL image or path → (3, S, S) float pixels in [0, 1].
+
+        The whole image is resized to the square input (bicubic, antialiased); nothing is cropped, so image
+        borders (where defects sit) survive and masks resized the same way stay aligned.
+        """
+        if not isinstance(image, Image.Image):
+            path = Path(image)
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except (OSError, SyntaxError) as error:
+                raise ValueError(f"cannot read image {path}: {error}. Replace or re-download the file.") from None
+        x = TF.pil_to_tensor(image.convert("RGB")).float().div(255)  # (3, H, W)
+        return self.resize(x[None])[0]
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels → (B, 3, S, S), bicubic with antialiasing, clamped to [0, 1]."""
+        if tuple(x.shape[-2:]) == (self.image_size, self.image_size):
+            return x
+        out = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                            antialias=True, align_corners=False)
+        return out.clamp_(0, 1)
+
+    def load_images(self, images) -> torch.Tensor:
+        """Paths, PIL images, a (3, H, W) / (B, 3, H, W) tensor or a list of such → (B, 3, S, S) on the device."""
+        if isinstance(images, torch.Tensor):
+            x = images[None] if images.dim() == 3 else images
+            check_pixels(x, "images")
+            return self.resize(x).to(self.device)
+        return torch.stack([self.preprocess(im) for im in images]).to(self.device)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels in [0, 1] → the model's normalised input."""
+        return ((x.to(self.device, self.dtype) - self.mean) / self.std).to(self.dtype)
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels → (B, 1 + N, W) tokens entering the first vision block."""
+        check_pixels(x, "images", size=self.image_size)
+        return self.model.visual._embeds(self.normalize(x))
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor, locality_radius: int = 0, locality_blocks: int = 1) -> ImageFeatures:
+        """One encoder pass: the pooled embedding and the tapped blocks' patch tokens, in the joint space.
+
+        Args:
+            x: (B, 3, S, S) pixels in [0, 1].
+            locality_radius: r > 0 turns on locality-aware attention in the last ``locality_blocks`` blocks:
+                each patch attends only to its (2r+1)² neighbourhood and the CLS token (no new weights).
+        """
+        visual = self.model.visual
+        tokens = self.embed_patches(x)  # (B, 1+N, W)
+        blocks = visual.transformer.resblocks
+        local_mask = self.locality_mask(locality_radius) if locality_radius > 0 else None
+        taps = []
+        for index, block in enumerate(blocks, start=1):
+            mask = local_mask if local_mask is not None and index > len(blocks) - locality_blocks else None
+            tokens = block(tokens, attn_mask=mask)  # (B, 1+N, W)
+            if index in self.layers:
+                taps.append(tokens[:, 1:])  # (B, N, W)
+        pooled, _ = visual._pool(tokens)  # (B, W): ln_post then the CLS token
+        cls = pooled @ visual.proj  # (B, D)
+        patches = visual.ln_post(torch.stack(taps)) @ visual.proj  # (L, B, N, D)
+        return ImageFeatures(F.normalize(cls.float(), dim=-1), F.normalize(patches.float(), dim=-1), self.grid)
+
+    def locality_mask(self, radius: int) -> torch.Tensor:
+        """(1+N, 1+N) additive mask: patches see their (2r+1)² neighbours and CLS; CLS sees everything."""
+        h, w = self.grid
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()  # (N,)
+        near = ((rows[:, None] - rows[None]).abs() <= radius) & ((cols[:, None] - cols[None]).abs() <= radius)
+        allowed = torch.ones(h * w + 1, h * w + 1, dtype=torch.bool)
+        allowed[1:, 1:] = near  # (N, N)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        return mask.masked_fill_(~allowed, float("-inf")).to(self.device)
+
+    # ------------------------------------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts → (T, context_length) token ids on the device."""
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(T, C) ids → (T,) position whose output is the text embedding (the end token)."""
+        model = self.model
+        if model.text_pool_type == "eos":
+            return (tokens == model.text_eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)  # CLIP: the end token has the largest id
+
+    def token_embeddings(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts → ((T, C, W) input embeddings, (T,) end-token positions) for ``encode_prompt_embeddings``."""
+        tokens = self.tokenize(texts)
+        with torch.no_grad():
+            embeddings = self.model.token_embedding(tokens)  # (T, C, W)
+        return embeddings, self.eot_index(tokens)
+
+    def encode_prompt_embeddings(self, embeddings: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True,
+                                 deep_prompts: Sequence[torch.Tensor] | None = None, deep_start: int = 1
+                                 ) -> torch.Tensor:
+        """The text tower on injected input embeddings; gradients flow to them, never to the model.
+
+        Args:
+            embeddings: (P, C', W) input embeddings, C' <= context_length. Under the causal mask a position
+                never sees later ones, so C' = max(eot_index) + 1 gives the same result as 77 positions.
+            eot_index: (P,) position of each prompt's end token.
+            deep_prompts: optional list of (n, W) or (P, n, W) tensors; entry i replaces positions
+                ``deep_start : deep_start + n`` at the input of text block i + 2 (deep prompt tuning).
+
+        Returns:
+            (P, D) text embeddings (L2-normalised when ``normalize``).
+        """
+        model = self.model
+        length = embeddings.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"embeddings have {length} positions; {self.name} takes at most {self.context_length}")
+        cast = model.transformer.get_cast_dtype()
+        x = embeddings.to(cast) + model.positional_embedding[:length].to(cast)  # (P, C', W)
+        mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+        if not deep_prompts:
+            x = model.transformer(x, attn_mask=mask)
+        else:
+            for index, block in enumerate(model.transformer.resblocks):
+                if 1 <= index <= len(deep_prompts):
+                    deep = deep_prompts[index - 1].to(cast)
+                    deep = deep.expand(x.shape[0], -1, -1) if deep.dim() == 2 else deep  # (P, n, W)
+                    x = torch.cat([x[:, :deep_start], deep, x[:, deep_start + deep.shape[1]:]], dim=1)
+                x = block(x, attn_mask=mask)
+        x = model.ln_final(x)  # (P, C', W)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # (P, W)
+        projection = model.text_projection
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection  # (P, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Texts → (T, D) embeddings, identical to open_clip's ``encode_text``."""
+        return self.model.encode_text(self.tokenize(texts), normalize=normalize).float()
+
+
+def check_pixels(x: torch.Tensor, name: str, size: int | None = None) -> None:
+    """Raise a clear error unless ``x`` is a finite (B, 3, H, W) float tensor of pixels in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a (B, 3, H, W) tensor of pixels in [0, 1], got {shape}")
+    if x.shape[1] != 3:
+        raise ValueError(f"{name}: expected 3 colour channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                         "convert grayscale/RGBA images to RGB first (apt_lab.data does this when loading)")
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(f"{name}: expected {size}x{size} pixels, got {tuple(x.shape[-2:])}; "
+                         "use backbone.resize(x) or backbone.load_images(...)")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: {int((~torch.isfinite(x)).sum())} values are NaN or infinite")
+    if x.min() < -1e-4 or x.max() > 1 + 1e-4:
+        raise ValueError(f"{name}: pixel values must lie in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+                         "; apt_lab normalises inside the backbone, pass un-normalised pixels")
+
+
+def _host_reachable(url: str, timeout: float = 3.0) -> bool:
+    host = urlparse(url).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _resolve_checkpoint(name: str, pretrained: str, cache_dir: str | None) -> tuple[str | None, dict]:
+    """A pretrained tag or file → (cached or local file or None to download, the tag's config)."""
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser()), {}
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        looks_like_path = any(s in pretrained for s in ("/", "\\", ".pt", ".bin", ".safetensors"))
+        if looks_like_path:
+            raise FileNotFoundError(f"pretrained={pretrained!r}: no such checkpoint file. Give the path of a "
+                                    f"{name} checkpoint, a tag from open_clip.list_pretrained_tags_by_model("
+                                    f"{name!r}), or pretrained=None for random weights.")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UnknownBackboneError(f"{name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
+                                   "Or pass a checkpoint file, or pretrained=None for random weights.")
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        import huggingface_hub
+
+        repo, filename = os.path.split(hub)
+        for candidate in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
+            cached = huggingface_hub.try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
+            if isinstance(cached, str):
+                return cached, tag_cfg
+    return None, tag_cfg
+
+
+def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device: str | torch.device | None = None,
+                  image_size: int | None = None, layers: Sequence[int] | None = None,
+                  precision: str = "fp32", cache_dir: str | None = None) -> Backbone:
+    """Build a frozen backbone from an open_clip name and pretrained tag (or checkpoint file, or None).
+
+    Args:
+        name: open_clip architecture, e.g. ``"ViT-L-14-336"``, ``"ViT-B-16"``, or ``"apt-tiny"``.
+        pretrained: open_clip tag (``"openai"``), path of a checkpoint file, or None for random weights.
+        device: None picks CUDA when available, else CPU.
+        image_size: run at another input size (e.g. 518 for ViT-L-14-336); positional embeddings are
+            resized when weights load, as open_clip does.
+        layers: 1-based vision blocks to tap; None = four evenly spaced blocks (ViT-L: 6, 12, 18, 24).
+        precision: "fp32" (default, and always on CPU), "fp16" or "bf16" on a GPU.
+
+    Raises:
+        UnknownBackboneError: the name or tag is unknown (the message lists what exists).
+        WeightsUnavailableError: weights are neither cached nor downloadable (offline); within seconds.
+    """
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if name.lower().split("-")[0] in m.lower()][:8]
+        raise UnknownBackboneError(f"unknown backbone {name!r}. Try one of {close or ['ViT-B-16', 'ViT-L-14-336']}"
+                                   " or see open_clip.list_models(); 'apt-tiny' is the small CPU test model.")
+    device = pick_device(device)
+    if device.type == "cpu":
+        precision = "fp32"
+    checkpoint, tag_cfg = (None, {}) if pretrained is None else _resolve_checkpoint(name, pretrained, cache_dir)
+    source = checkpoint or pretrained
+    if pretrained is not None and checkpoint is None:  # a tag that must be downloaded first
+        url = "https://huggingface.co" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "https://huggingface.co")
+        if _offline() or not _host_reachable(url):
+            raise WeightsUnavailableError(_offline_message(name, pretrained, url))
+    kwargs = dict(precision=precision, device=device, force_image_size=image_size, cache_dir=cache_dir,
+                  force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    root_logger, level = logging.getLogger(), logging.getLogger().level
+    if source is None:  # open_clip logs a root-level warning for random weights; apt_lab reports it itself
+        root_logger.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(name, pretrained=source, **kwargs)
+    except RuntimeError as error:
+        if pretrained is not None and checkpoint is None:
+            raise WeightsUnavailableError(_offline_message(name, pretrained, "the model hub") +
+                                          f" (download failed: {str(error)[:200]})") from None
+        raise
+    finally:
+        root_logger.setLevel(level)
+    mean, std = tag_cfg.get("mean", OPENAI_MEAN), tag_cfg.get("std", OPENAI_STD)
+    return Backbone(model, name, pretrained, pretrained is not None, layers, device, mean, std)
+
+
+def _offline_message(name: str, tag: str, where: str) -> str:
+    return (f"cannot get the {tag!r} weights of {name!r}: they are not in the local cache and {where} cannot be "
+            "reached (offline, or HF_HUB_OFFLINE=1). Either download them once on a machine with internet "
+            f"(`open_clip.create_model({name!r}, pretrained={tag!r})` fills ~/.cache/huggingface), pass the "
+            f"checkpoint file as pretrained='/path/to/{name}.bin', or use pretrained=None for random weights "
+            "(same speed, no accuracy).")

@@ -1,0 +1,174 @@
+"""One configuration tree for every knob of APT, with presets stored as data (``apt_lab/presets/*.json``).
+
+Every default that ``method.md`` marks as *our choice* is a field here, so an ablation is a one-line change.
+
+Example:
+    >>> cfg = APTConfig.preset("quick")
+    >>> cfg.backbone.name, cfg.smgs.lam
+    ('apt-tiny', 1.0)
+    >>> APTConfig.from_json(cfg.to_json()) == cfg
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "apt-tiny"  # open_clip architecture ("ViT-B-16", "ViT-L-14-336", ...) or "apt-tiny"
+    pretrained: str | None = None  # open_clip tag ("openai"), checkpoint file, or None for random weights
+    image_size: int | None = None  # square input side in pixels; None = the architecture's native size
+    layers: tuple[int, ...] | None = None  # 1-based vision blocks to tap; None = 4 evenly spaced (ViT-B: 3,6,9,12)
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None = CUDA when available, else CPU
+    precision: str = "fp32"  # "fp32", or "fp16"/"bf16" on a GPU (CPU always runs fp32)
+
+
+@dataclass
+class PerturbConfig:
+    generators: tuple[str, ...] = ("gaussian", "uniform", "salt_pepper")  # registered names, one drawn per image
+    strength: tuple[float, float] = (0.2, 0.6)  # noise strength range (pixel std / amplitude), drawn per image
+    region: str = "roi"  # where anomalies may go: "roi" (foreground of the frozen model) or "image" (anywhere)
+    roi_method: str = "text"  # "text": patch similarity to object-vs-background prompts, thresholded with Otsu
+    roi_texture_fraction: float = 0.7  # foreground above this fraction of the image → texture, use whole image
+    roi_dilation: int = 1  # dilate the patch-grid foreground by this many patches
+    blob: str = "mixed"  # anomaly shape: "perlin" (thresholded Perlin noise), "ellipse", or "mixed"
+    min_area: float = 0.01  # smallest anomaly, as a fraction of the image area
+    max_area: float = 0.12  # largest anomaly, as a fraction of the image area
+    feature_strength: float = 1.0  # std of noise added to patch tokens by the "feature" generator
+    patch_threshold: float = 0.25  # a patch counts as anomalous when this fraction of its pixels is masked
+
+
+@dataclass
+class PromptConfig:
+    n_ctx: int = 12  # learnable context vectors per prompt
+    init_std: float = 0.02  # context vectors start as N(0, init_std²)
+    suffix: str = "object."  # words after the context vectors: "X X ... X object."
+    per_category: bool = False  # one prompt pair per category instead of one shared pair
+    deep_layers: int = 0  # text blocks (after the first) that also get learnable deep prompts; 0 = off
+    truncate: bool = True  # run the text tower on max(eot)+1 positions instead of 77 (same result, cheaper)
+
+
+@dataclass
+class SMGSConfig:
+    lam: float = 1.0  # λ of the gradient rule; 0 turns SMGS off (plain prompt tuning)
+    meta_normal: str = "a photo of a flawless object."  # generic meta-prompt, normal state (no category words)
+    meta_anomalous: str = "a photo of a damaged object."  # generic meta-prompt, anomalous state
+    meta_loss: str = "kl"  # "kl": KL(p_meta || p_learned) at image and patch level; "cosine": 1 - cos of texts
+    patch_level: bool = True  # include patch-level KL in the meta loss (kl only)
+    update: str = "ema"  # self-optimising meta-prompt: "ema", "periodic", or "static"
+    ema_beta: float = 0.99  # ema: meta ← β·meta + (1−β)·learned after each step
+    period: int = 50  # periodic: steps between re-anchoring attempts on a held-out synthetic loss
+
+
+@dataclass
+class TrainConfig:
+    k_shot: int = 4  # normal images per category used for tuning
+    steps: int = 200  # optimiser steps
+    batch_size: int = 16  # images per step (clean shots and perturbed pool entries mixed)
+    anomaly_fraction: float = 0.5  # share of each batch drawn from the perturbed pool
+    pool_size: int = 64  # perturbed images encoded once per refresh and reused across steps
+    pool_refresh: int = 0  # steps between pool re-draws (new noise, one encoder pass); 0 = never
+    feature_pool_fraction: float = 0.0  # share of the pool made by the feature-space generator (no encoder pass)
+    lr: float = 2e-3  # Adam learning rate for the prompt vectors
+    weight_decay: float = 0.0  # Adam weight decay
+    focal_gamma: float = 2.0  # focal loss γ for the patch-level task loss
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of (image CE, patch focal, patch dice)
+    seed: int = 0  # seeds perturbations, prompt init and batch order; same seed → same scores on CPU
+
+
+@dataclass
+class ScoreConfig:
+    temperature: float = 0.07  # τ in softmax(cos / τ) over [normal, anomalous]
+    blur_sigma: float = 4.0  # Gaussian blur of the up-sampled map, in pixels; 0 = off
+    fuse_map_max: float = 0.0  # image score = (1 − w)·CLS probability + w·map maximum; 0 = CLS only
+    memory: bool = False  # few-shot visual memory: add min cosine distance of each patch to the shots' patches
+    memory_weight: float = 0.5  # weight of the memory map when memory is on
+    locality_radius: int = 0  # locality-aware attention radius r in the last block; 0 = off
+    batch_size: int = 16  # images per encoder pass when scoring
+
+
+@dataclass
+class APTConfig:
+    name: str = "quick"  # preset or experiment name, used for run folders
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the frozen CLIP
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)  # CFG: synthetic anomalies
+    prompts: PromptConfig = field(default_factory=PromptConfig)  # learnable prompts
+    smgs: SMGSConfig = field(default_factory=SMGSConfig)  # meta-prompt guidance
+    train: TrainConfig = field(default_factory=TrainConfig)  # few-shot tuning loop
+    score: ScoreConfig = field(default_factory=ScoreConfig)  # anomaly maps and image scores
+
+    # ----------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "APTConfig":
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "APTConfig":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "APTConfig":
+        """A preset from ``apt_lab/presets/<name>.json`` (fields not in the file keep their defaults).
+
+        ``overrides`` use ``section__field`` names: ``APTConfig.preset("quick", train__steps=50)``.
+        """
+        path = PRESET_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"unknown preset {name!r}; presets: {list_presets()} (files in {PRESET_DIR})")
+        config = cls.from_dict(json.loads(path.read_text()))
+        return config.replace(**overrides) if overrides else config
+
+    def replace(self, **overrides: Any) -> "APTConfig":
+        """A copy with ``section__field=value`` changes, e.g. ``cfg.replace(smgs__lam=0.0)``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.partition("__")
+            if not name:
+                data[section] = value
+            elif section not in data or not isinstance(data[section], dict) or name not in data[section]:
+                raise ValueError(f"unknown config field {key!r}; use section__field, e.g. train__steps")
+            else:
+                data[section][name] = value
+        return APTConfig.from_dict(data)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    """Dataclass ``cls`` from a dict, recursing into sections; unknown keys are errors, lists become tuples."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
+            else fields[name].default
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
