@@ -1,10 +1,32 @@
 """apt_lab — APT (adaptive prompt tuning with semantic alignment) for CLIP anomaly detection.
 
-The four verbs: ``perturb`` (CFG), ``tune_prompts`` (learnable prompts guided by SMGS), ``score``.
-"""
-from .backbone import Backbone, ImageFeatures, load_backbone
-from .errors import UnknownBackboneError, WeightsUnavailableError
+The four verbs, one module each:
 
+- ``perturb`` (``apt_lab.perturbations``): CFG, noise anomalies on the region of interest;
+- ``tune_prompts`` (``apt_lab.prompts``, ``apt_lab.tuning``): learnable prompts from a few normal shots;
+- SMGS alignment (``apt_lab.smgs``): the meta-prompt that keeps the prompts general;
+- ``score`` (``apt_lab.scoring``): image scores and anomaly maps.
+
+Example:
+    >>> import apt_lab
+    >>> backbone = apt_lab.load_backbone("apt-tiny")
+    >>> config = apt_lab.APTConfig.preset("quick")
+"""
 __version__ = "0.1.0"
-__all__ = ["Backbone", "ImageFeatures", "load_backbone", "UnknownBackboneError", "WeightsUnavailableError",
-           "__version__"]
+
+from . import data, metrics
+from .backbone import Backbone, ImageFeatures, load_backbone
+from .checkpoint import load_prompts, save_prompts
+from .config import APTConfig, list_presets
+from .errors import UnknownBackboneError, WeightsUnavailableError
+from .perturbations import list_perturbations, perturb, region_of_interest, register_perturbation
+from .prompts import PromptLearner
+from .scoring import human_prompt_features, score
+from .tuning import tune_prompts
+
+__all__ = [
+    "APTConfig", "Backbone", "ImageFeatures", "PromptLearner", "UnknownBackboneError", "WeightsUnavailableError",
+    "data", "human_prompt_features", "list_perturbations", "list_presets", "load_backbone", "load_prompts",
+    "metrics", "perturb", "region_of_interest", "register_perturbation", "save_prompts", "score", "tune_prompts",
+    "__version__",
+]

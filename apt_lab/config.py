@@ -65,6 +65,7 @@ class SMGSConfig:
     update: str = "ema"  # self-optimising meta-prompt: "ema", "periodic", or "static"
     ema_beta: float = 0.99  # ema: meta ← β·meta + (1−β)·learned after each step
     period: int = 50  # periodic: steps between re-anchoring attempts on a held-out synthetic loss
+    heldout_size: int = 16  # periodic: perturbed images per shot group kept out of training for that held-out loss
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     focal_gamma: float = 2.0  # focal loss γ for the patch-level task loss
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of (image CE, patch focal, patch dice)
     seed: int = 0  # seeds perturbations, prompt init and batch order; same seed → same scores on CPU
+    encode_each_step: bool = False  # baseline/ablation: no pool, perturb and encode each step's anomalies afresh
 
 
 @dataclass

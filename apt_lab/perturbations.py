@@ -1,0 +1,390 @@
+"""CFG — Contextual anomaly Feature Generation: synthetic anomalies made from normal images.
+
+APT tunes prompts on anomalies it makes itself: noise put into a random blob inside the object (the region of
+interest, found by the frozen model). ``perturb`` does that for a batch and returns the perturbed pixels with
+the pixel mask and the patch-grid mask, so losses and plots can use both.
+
+Noise schemes are a registry looked up by name from ``config.perturb.generators``; a researcher adds one with
+a decorator and nothing else in the library changes::
+
+    @register_perturbation("stripes")
+    def stripes(image, region, rng):           # (3, H, W) in [0, 1], (H, W) bool, torch.Generator
+        out = image.clone()
+        out[:, ::4] = 1.0
+        return torch.where(region, out, image), region   # pixels changed only inside region; their mask
+
+    config = config.replace(perturb__generators=("gaussian", "stripes"))
+
+A pixel generator is ``fn(image, region, rng, strength) -> (image, mask)`` (``strength`` may be left out). It may
+change pixels only inside ``region``; ``perturb`` enforces that, and that pixels change only inside the returned
+mask (which it intersects with ``region``). A feature-space generator (``space="feature"``, e.g. the built-in
+``"feature"``) works on encoded patch tokens instead; ``perturb`` skips those and the tuning loop calls them.
+
+Example:
+    >>> import torch, apt_lab.config as c
+    >>> cfg = c.PerturbConfig(region="image", generators=("gaussian",), min_area=0.05, max_area=0.1)
+    >>> out = perturb(torch.full((2, 3, 32, 32), 0.5), cfg, torch.Generator().manual_seed(0), patch_size=8)
+    >>> out.images.shape, out.masks.shape, out.patch_masks.shape, out.generators
+    (torch.Size([2, 3, 32, 32]), torch.Size([2, 32, 32]), torch.Size([2, 4, 4]), ['gaussian', 'gaussian'])
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone, ImageFeatures, check_pixels
+from .blobs import area_bounds, nearest_pixels, random_blob
+from .config import APTConfig, PerturbConfig
+
+ROI_PROMPTS = ("a photo of an object.", "a photo of the background.")  # foreground vs background texts
+ROI_MIN_FRACTION = 0.05  # a foreground smaller than this share of the grid is degenerate → whole image
+ROI_TRIES = 5  # blob redraws, centred inside the ROI, before the ROI-restricted disc fallback
+_BUILTINS = ("gaussian", "uniform", "salt_pepper", "feature")
+
+
+# -------------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class _Entry:
+    fn: Callable
+    space: str  # "pixel" or "feature"
+    takes_strength: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_perturbation(name: str, space: str = "pixel", replace: bool = False) -> Callable:
+    """Decorator that registers a noise scheme under ``name`` for ``config.perturb.generators``.
+
+    Args:
+        name: the name configs use.
+        space: ``"pixel"`` — ``fn(image (3,H,W), region (H,W) bool, rng, strength) -> (image, mask)``; or
+            ``"feature"`` — ``fn(features: ImageFeatures, patch_masks (B,h,w) bool, rng, strength) -> ImageFeatures``.
+            A function without a ``strength`` parameter is called without one.
+        replace: allow taking over a name registered by a different function (re-running the same definition,
+            e.g. a notebook cell, always replaces).
+    """
+    if space not in ("pixel", "feature"):
+        raise ValueError(f"space must be 'pixel' or 'feature', got {space!r}")
+
+    def decorator(fn: Callable) -> Callable:
+        old = _REGISTRY.get(name)
+        same = old is not None and (old.fn.__module__, old.fn.__qualname__) == (fn.__module__, fn.__qualname__)
+        if old is not None and not (replace or same):
+            raise ValueError(f"perturbation {name!r} is already registered by {old.fn.__module__}."
+                             f"{old.fn.__qualname__}; pick another name, or pass replace=True")
+        params = inspect.signature(fn).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        takes = any(p.name == "strength" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) \
+            or len(positional) >= 4
+        _REGISTRY[name] = _Entry(fn, space, takes)
+        return fn
+
+    return decorator
+
+
+def unregister_perturbation(name: str) -> None:
+    """Remove a registered scheme (e.g. in a test's teardown)."""
+    get_perturbation(name)
+    del _REGISTRY[name]
+
+
+def list_perturbations(space: str | None = None) -> list[str]:
+    """Registered names, sorted; ``space="pixel"`` or ``"feature"`` filters."""
+    return sorted(n for n, e in _REGISTRY.items() if space is None or e.space == space)
+
+
+def get_perturbation(name: str) -> Callable:
+    """The function registered under ``name``; an unknown name raises ValueError listing what exists."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown perturbation {name!r}; registered: {list_perturbations()}. Register a new one "
+                         "with @apt_lab.register_perturbation('name') on a function (image, region, rng[, strength])"
+                         " -> (image, mask), then list its name in config.perturb.generators.")
+    return _REGISTRY[name].fn
+
+
+def _call(name: str, *args, strength: float):
+    entry = _REGISTRY[name]
+    return entry.fn(*args, strength) if entry.takes_strength else entry.fn(*args)
+
+
+# -------------------------------------------------------------------------------------------------- built-ins
+def _draw(shape, rng: torch.Generator, like: torch.Tensor, uniform: bool = False) -> torch.Tensor:
+    """Random numbers drawn on the generator's device, then moved next to ``like`` (same seed → same numbers)."""
+    draw = torch.rand if uniform else torch.randn
+    return draw(shape, generator=rng, device=rng.device).to(like.device, like.dtype)
+
+
+@register_perturbation("gaussian")
+def gaussian_noise(image: torch.Tensor, region: torch.Tensor, rng: torch.Generator, strength: float):
+    """Additive N(0, strength²) noise inside ``region``, clamped to [0, 1]; mask = region. Strength 0 is a no-op."""
+    noisy = (image + strength * _draw(image.shape, rng, image)).clamp(0, 1)  # (3, H, W)
+    return torch.where(region, noisy, image), region
+
+
+@register_perturbation("uniform")
+def uniform_noise(image: torch.Tensor, region: torch.Tensor, rng: torch.Generator, strength: float):
+    """Blend towards uniform noise: (1 − s)·image + s·U(0, 1) inside ``region``; mask = region."""
+    noisy = (1 - strength) * image + strength * _draw(image.shape, rng, image, uniform=True)  # (3, H, W)
+    return torch.where(region, noisy, image), region
+
+
+@register_perturbation("salt_pepper")
+def salt_pepper_noise(image: torch.Tensor, region: torch.Tensor, rng: torch.Generator, strength: float):
+    """A fraction ≈ strength of the region's pixels set to 0 or 1 (all channels); mask = the whole region."""
+    hit = (_draw(region.shape, rng, image, uniform=True) < strength) & region  # (H, W)
+    value = (_draw(region.shape, rng, image, uniform=True) < 0.5).to(image.dtype).expand_as(image)  # (3, H, W)
+    return torch.where(hit, value, image), region
+
+
+@register_perturbation("feature", space="feature")
+def perturb_features(features: ImageFeatures, patch_masks: torch.Tensor, rng: torch.Generator,
+                     strength: float | torch.Tensor) -> ImageFeatures:
+    """Noise on encoded patch tokens inside the patch mask, in every tapped layer; no encoder pass.
+
+    Tokens are unit vectors in D dimensions, so the noise has per-coordinate std ``strength / sqrt(D)``: its
+    norm is about ``strength`` times a token's norm (strength 1 → noise as long as the token). Noisy tokens are
+    re-normalised; CLS and tokens outside the mask are returned unchanged.
+
+    Args:
+        features: ImageFeatures with patches (L, B, N, D).
+        patch_masks: (B, h, w) bool, (h, w) == features.grid.
+        strength: a float, or a (B,) tensor (one strength per image).
+    """
+    layers, batch, n, dim = features.patches.shape
+    if tuple(patch_masks.shape) != (batch, *features.grid):
+        raise ValueError(f"patch_masks: expected shape {(batch, *features.grid)}, got {tuple(patch_masks.shape)}")
+    scale = torch.as_tensor(strength, dtype=torch.float32, device=features.patches.device).reshape(-1, 1, 1)
+    noise = _draw(features.patches.shape, rng, features.patches) * scale / math.sqrt(dim)  # (L, B, N, D)
+    noisy = F.normalize(features.patches + noise, dim=-1)  # (L, B, N, D)
+    inside = patch_masks.reshape(1, batch, n, 1).to(features.patches.device)  # (1, B, N, 1)
+    return ImageFeatures(features.cls, torch.where(inside, noisy, features.patches), features.grid)
+
+
+# -------------------------------------------------------------------------------------------- region of interest
+def otsu_threshold(values: torch.Tensor) -> float:
+    """Otsu's threshold on samples: the cut maximising between-class variance w0·w1·(μ0 − μ1)².
+
+    Exact over the sorted samples (no histogram); the threshold is the midpoint of the best gap, so
+    ``values > threshold`` is the upper class. All values equal → +inf (empty upper class).
+
+    Example:
+        >>> otsu_threshold(torch.tensor([0., 0, 1, 1, 5, 5, 6, 6]))
+        3.0
+    """
+    v = values.flatten().double().sort().values  # (n,)
+    n = v.numel()
+    k = torch.arange(1, n, dtype=torch.float64)  # size of the lower class for each cut
+    head = v.cumsum(0)[:-1]  # (n-1,) sum of the lower class
+    mu0, mu1 = head / k, (v.sum() - head) / (n - k)
+    between = (k / n) * (1 - k / n) * (mu0 - mu1) ** 2  # (n-1,)
+    between[v[1:] == v[:-1]] = -1  # cutting between equal values is not a cut
+    if n < 2 or between.max() < 0:
+        return math.inf
+    best = int(between.argmax())
+    return float((v[best] + v[best + 1]) / 2)
+
+
+def foreground_from_similarity(similarity: torch.Tensor, dilation: int = 1, texture_fraction: float = 0.7,
+                               min_fraction: float = ROI_MIN_FRACTION) -> torch.Tensor:
+    """(B, h, w) foreground score on the patch grid → (B, h, w) bool region of interest.
+
+    Per image: Otsu threshold, dilate by ``dilation`` patches (a square (2d+1)² neighbourhood), then the texture
+    fallback: if the dilated foreground covers more than ``texture_fraction`` of the grid (a texture, or a map
+    with no clear object: scattered foreground patches dilate to nearly everything) or less than
+    ``min_fraction`` (degenerate), the whole grid is the region.
+
+    Example:
+        >>> s = torch.zeros(1, 4, 4); s[0, :2, :2] = 1.0            # an object in the top-left corner
+        >>> foreground_from_similarity(s, dilation=0)[0].int().tolist()
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+        >>> foreground_from_similarity(s, dilation=1)[0].int().tolist()   # 9/16 ≤ 0.7: still an object
+        [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+        >>> bool(foreground_from_similarity(s, dilation=2).all())        # 16/16 > 0.7: texture → everything
+        True
+    """
+    fg = torch.stack([s > otsu_threshold(s) for s in similarity])  # (B, h, w)
+    if dilation > 0:
+        fg = F.max_pool2d(fg[:, None].float(), 2 * dilation + 1, stride=1, padding=dilation)[:, 0] > 0
+    fraction = fg.flatten(1).float().mean(1)  # (B,)
+    whole = (fraction > texture_fraction) | (fraction < min_fraction)  # (B,)
+    return fg | whole[:, None, None]
+
+
+@torch.no_grad()
+def region_of_interest(backbone: Backbone, images: torch.Tensor, config: APTConfig | PerturbConfig,
+                       batch_size: int = 32) -> torch.Tensor:
+    """(B, 3, S, S) pixels → (B, S, S) bool: where synthetic anomalies may go.
+
+    ``config.perturb.region == "image"`` → everywhere. Otherwise ``roi_method`` "text" (the only method so far):
+    last tapped layer's patch tokens, cos to "a photo of an object." minus cos to "a photo of the background.",
+    then :func:`foreground_from_similarity` (Otsu, dilation, texture fallback), up-sampled nearest to pixels.
+    """
+    cfg = _perturb_config(config)
+    check_pixels(images, "images", size=backbone.image_size)
+    size = backbone.image_size
+    if cfg.region == "image":
+        return torch.ones(images.shape[0], size, size, dtype=torch.bool, device=images.device)
+    if cfg.region != "roi":
+        raise ValueError(f"config.perturb.region must be 'roi' or 'image', got {cfg.region!r}")
+    if cfg.roi_method != "text":
+        raise ValueError(f"config.perturb.roi_method {cfg.roi_method!r} is not implemented; use 'text'")
+    texts = backbone.encode_texts(ROI_PROMPTS)  # (2, D)
+    scores = []
+    for start in range(0, images.shape[0], batch_size):
+        patches = backbone.encode_images(images[start:start + batch_size]).patches[-1]  # (b, N, D)
+        sim = patches @ texts.T  # (b, N, 2)
+        scores.append((sim[..., 0] - sim[..., 1]).reshape(-1, *backbone.grid).cpu())  # (b, h, w)
+    grid_roi = foreground_from_similarity(torch.cat(scores), cfg.roi_dilation, cfg.roi_texture_fraction)
+    roi = F.interpolate(grid_roi[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0  # (B, S, S)
+    return roi.to(images.device)
+
+
+# -------------------------------------------------------------------------------------------------- perturb
+@dataclass
+class Perturbation:
+    """A batch of synthetic anomalies.
+
+    Attributes:
+        images: (B, 3, S, S) perturbed pixels in [0, 1]; equal to the input outside ``masks``.
+        masks: (B, S, S) bool, pixels declared anomalous (never empty).
+        patch_masks: (B, h, w) bool, patches with ≥ ``patch_threshold`` of their pixels masked (never empty:
+            when no patch reaches the threshold, the patch with the most masked pixels counts).
+        generators: the registered name used for each image.
+        strengths: (B,) the strength drawn for each image.
+        roi: (B, S, S) bool, the region of interest the anomalies were confined to.
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    patch_masks: torch.Tensor
+    generators: list[str]
+    strengths: torch.Tensor
+    roi: torch.Tensor
+
+
+def patch_mask(masks: torch.Tensor, patch_size: int, threshold: float) -> torch.Tensor:
+    """(B, H, W) bool pixel mask → (B, H//p, W//p) bool: a patch is anomalous when ≥ threshold of it is masked.
+
+    Example:
+        >>> m = torch.tensor([[[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]], dtype=torch.bool)
+        >>> patch_mask(m, 2, 0.5)[0].int().tolist()     # covered fractions [[0.75, 0], [0, 0.25]]
+        [[1, 0], [0, 0]]
+        >>> patch_mask(m, 2, 0.25)[0].int().tolist()
+        [[1, 0], [0, 1]]
+    """
+    covered = F.avg_pool2d(masks[:, None].float(), patch_size, stride=patch_size)[:, 0]  # (B, h, w) fractions
+    return covered >= threshold - 1e-6
+
+
+def perturb(images: torch.Tensor, config: APTConfig | PerturbConfig, rng: torch.Generator,
+            roi: torch.Tensor | None = None, backbone: Backbone | None = None,
+            patch_size: int | None = None) -> Perturbation:
+    """CFG: put one synthetic anomaly into each image, inside its region of interest.
+
+    Per image: draw a pixel-space generator uniformly from ``config.perturb.generators`` (feature-space ones are
+    skipped here), a strength uniformly in ``config.perturb.strength``, a blob (:func:`random_blob`), and
+    anomaly region = ROI ∩ blob. If that is smaller than ``min_area``, the blob is redrawn centred on a random
+    ROI pixel (``ROI_TRIES`` times), then the region falls back to the ``min_area`` ROI pixels nearest to a
+    random ROI pixel (the whole ROI if it is smaller). Then the generator runs on the region.
+
+    Args:
+        images: (B, 3, S, S) pixels in [0, 1].
+        config: APTConfig or its PerturbConfig.
+        rng: every random draw comes from it (same seed → same output on CPU).
+        roi: (B, S, S) bool; None → ``region_of_interest(backbone, images, config)`` when region == "roi"
+            (needs ``backbone``), all-True when region == "image".
+        backbone: gives the patch size (and the ROI when needed).
+        patch_size: patch side for ``patch_masks`` when no backbone is given; default 16.
+    """
+    cfg = _perturb_config(config)
+    check_pixels(images, "images", size=backbone.image_size if backbone is not None else None)
+    batch, _, height, width = images.shape
+    if backbone is not None and patch_size not in (None, backbone.patch_size):
+        raise ValueError(f"patch_size={patch_size} contradicts the backbone's patch size {backbone.patch_size}")
+    patch = backbone.patch_size if backbone is not None else (patch_size or 16)
+    for name in cfg.generators:
+        get_perturbation(name)  # unknown names fail here, with the list of registered ones
+    names = [n for n in cfg.generators if _REGISTRY[n].space == "pixel"]
+    if not names:
+        raise ValueError(f"config.perturb.generators={list(cfg.generators)} holds no pixel-space generator; "
+                         f"pixel-space ones: {list_perturbations('pixel')}")
+    roi = _resolve_roi(images, cfg, roi, backbone)  # (B, H, W) bool on the CPU
+    low, high = cfg.strength
+    out, masks, used, strengths = images.clone(), torch.zeros(batch, height, width, dtype=torch.bool), [], []
+    for i in range(batch):
+        name = names[int(torch.randint(len(names), (), generator=rng, device=rng.device))]
+        strength = low + (high - low) * float(torch.rand((), generator=rng, device=rng.device))
+        region = _anomaly_region(roi[i], cfg, rng).to(images.device)  # (H, W) bool
+        result = _call(name, images[i], region, rng, strength=strength)
+        new, mask = result if isinstance(result, tuple) else (result, region)
+        if tuple(new.shape) != tuple(images[i].shape) or tuple(mask.shape) != (height, width):
+            raise ValueError(f"perturbation {name!r} returned image {tuple(new.shape)} and mask {tuple(mask.shape)}"
+                             f"; expected {tuple(images[i].shape)} and {(height, width)}")
+        mask = mask.to(images.device, torch.bool) & region  # (H, W)
+        if not mask.any():
+            raise ValueError(f"perturbation {name!r} returned a mask with no pixel inside its region; a generator "
+                             "must return the (H, W) bool mask of the pixels it made anomalous")
+        new = new.to(images.device, images.dtype).clamp(0, 1)  # (3, H, W)
+        out[i] = torch.where(mask, new, images[i])  # changes only inside the mask
+        masks[i] = mask.cpu()
+        used.append(name)
+        strengths.append(strength)
+    patches = patch_mask(masks, patch, cfg.patch_threshold)  # (B, h, w)
+    covered = F.avg_pool2d(masks[:, None].float(), patch, stride=patch)[:, 0].flatten(1)  # (B, h*w)
+    empty = ~patches.flatten(1).any(1)  # (B,) no patch over the threshold (a small or scattered mask)
+    patches.view(batch, -1)[empty, covered[empty].argmax(1)] = True
+    dev = images.device
+    return Perturbation(out, masks.to(dev), patches.to(dev), used, torch.tensor(strengths), roi.to(dev))
+
+
+def _perturb_config(config) -> PerturbConfig:
+    if isinstance(config, APTConfig):
+        return config.perturb
+    if isinstance(config, PerturbConfig):
+        return config
+    raise TypeError(f"config: expected APTConfig or PerturbConfig, got {type(config).__name__}")
+
+
+def _resolve_roi(images, cfg: PerturbConfig, roi, backbone) -> torch.Tensor:
+    batch, _, height, width = images.shape
+    if roi is None:
+        if cfg.region == "image":
+            return torch.ones(batch, height, width, dtype=torch.bool)
+        if backbone is None:
+            raise ValueError("perturb: config.perturb.region == 'roi' needs the region of interest: pass "
+                             "backbone=... (it is computed with region_of_interest), or roi=..., or set "
+                             "config.perturb.region = 'image'")
+        roi = region_of_interest(backbone, images, cfg)
+    if tuple(roi.shape) != (batch, height, width):
+        raise ValueError(f"roi: expected shape {(batch, height, width)} (B, S, S) bool, got {tuple(roi.shape)}")
+    roi = roi.cpu().bool()
+    empty = [i for i in range(batch) if not roi[i].any()]
+    if empty:
+        raise ValueError(f"roi is empty for image(s) {empty}; every image needs at least one allowed pixel")
+    return roi
+
+
+def _anomaly_region(roi: torch.Tensor, cfg: PerturbConfig, rng: torch.Generator) -> torch.Tensor:
+    """(H, W) bool ROI → (H, W) bool anomaly region = ROI ∩ blob, never empty, ≥ min_area when the ROI allows."""
+    size = tuple(roi.shape)
+    low, _ = area_bounds(size, cfg.min_area, cfg.max_area)
+    blob = random_blob(size, rng, cfg.blob, cfg.min_area, cfg.max_area)
+    if roi.all():
+        return blob
+    inside = roi.nonzero()  # (n, 2) ROI pixels
+    for attempt in range(ROI_TRIES + 1):
+        region = blob & roi  # (H, W)
+        if int(region.sum()) >= low:
+            return region
+        if attempt == ROI_TRIES:
+            break
+        centre = inside[int(torch.randint(len(inside), (), generator=rng, device=rng.device))]
+        blob = random_blob(size, rng, cfg.blob, cfg.min_area, cfg.max_area, center=tuple(centre.tolist()))
+    centre = inside[int(torch.randint(len(inside), (), generator=rng, device=rng.device))]
+    return nearest_pixels(roi, tuple(centre.tolist()), low)

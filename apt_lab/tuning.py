@@ -1,0 +1,422 @@
+"""tune_prompts — few-shot prompt tuning on self-generated anomalies, guided by SMGS.
+
+One call does the whole of APT's training::
+
+    clean shots ──encode once──────────────────────────────► clean features (label 0, no anomalous patch)
+    shots ──perturb (ROI, seeded)──encode once per refresh──► pool features  (label 1, patch target = mask)
+    each step: a batch mixed from both → task loss (CE + focal + dice) and meta loss → SMGS → Adam
+
+The encoder is frozen, so features of a fixed image never change: encoding the pool once and re-using it
+makes a step cost one text-tower pass instead of a vision pass over the batch (``benchmarks/bench_tuning.py``
+measures the ratio). ``config.train.encode_each_step=True`` is the re-encode-every-step baseline.
+
+The test data is never seen: only ``shots`` (normal images) go in.
+
+Example:
+    >>> import apt_lab, torch
+    >>> from apt_lab.config import APTConfig
+    >>> b = apt_lab.load_backbone("apt-tiny")
+    >>> cfg = APTConfig.preset("quick", train__steps=5, train__pool_size=8)
+    >>> result = tune_prompts(b, torch.rand(2, 3, 224, 224), cfg, progress=False)   # doctest: +SKIP
+    >>> [r["step"] for r in result.history], result.prompts.text_features().shape    # doctest: +SKIP
+    ([0, 1, 2, 3, 4], torch.Size([2, 128]))
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import ImageFeatures
+from .config import APTConfig, TrainConfig
+from .prompts import PromptLearner
+from .smgs import MetaPrompt, apply_smgs, meta_loss
+
+HISTORY_KEYS = ("step", "loss", "image_loss", "focal", "dice", "meta_loss", "conflict_rate", "meta_drift",
+                "held_out_loss", "seconds")
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end tuning early; ``tune_prompts`` returns the result so far (interrupted)."""
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite. ``error.result`` holds the :class:`TuneResult` of the steps before it."""
+
+    def __init__(self, message: str, result: "TuneResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune_prompts` returns.
+
+    Attributes:
+        prompts: the tuned :class:`~apt_lab.prompts.PromptLearner` (pass it to ``apt_lab.scoring.score``).
+        meta: the (self-optimised) :class:`~apt_lab.smgs.MetaPrompt`.
+        history: one dict per finished step, keys :data:`HISTORY_KEYS`.
+        timings: seconds — ``encode_shots_s``, ``roi_s``, ``pool_s`` (perturb + encode, all builds),
+            ``pool_builds``, ``steps_s`` (sum over steps), ``step_s`` (mean per step), ``total_s``.
+        interrupted: True when a KeyboardInterrupt or a callback's :class:`StopTraining` ended it early.
+        config: the configuration it ran with; categories: the shot groups (None for one unnamed group).
+    """
+
+    prompts: PromptLearner
+    meta: MetaPrompt
+    history: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    config: APTConfig | None = None
+    categories: list[str] | None = None
+
+    def curve(self, key: str = "loss") -> list[float | None]:
+        """One history key as a list, e.g. ``result.curve("meta_drift")``."""
+        return [record.get(key) for record in self.history]
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def image_loss(cls_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean cross-entropy of (B, 2) logits against (B,) labels {0 normal, 1 anomalous}.
+
+    Entries with weight 0 are skipped (feature-space anomalies: their CLS token is the clean one, so calling
+    it anomalous would teach a contradiction). Returns 0 when every weight is 0.
+
+    Example:
+        >>> round(float(image_loss(torch.tensor([[0., 0.], [2., 0.]]), torch.tensor([1, 0]))), 4)   # (ln2 + 0.1269)/2
+        0.4100
+    """
+    ce = F.cross_entropy(cls_logits.float(), labels.long(), reduction="none")  # (B,)
+    if weights is None:
+        return ce.mean()
+    weights = weights.to(ce)
+    return (ce * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def focal_loss(patch_logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean focal loss −(1 − p_t)^γ log p_t over layers, images and patches.
+
+    Args:
+        patch_logits: (L, B, N, 2) [normal, anomalous] logits.
+        targets: (B, N) 1 for anomalous patches (the perturbation's patch mask), 0 otherwise.
+
+    Example (p_t = 0.5 everywhere, γ = 2: 0.25 · ln 2):
+        >>> round(float(focal_loss(torch.zeros(1, 1, 2, 2), torch.tensor([[1., 0.]]))), 4)
+        0.1733
+    """
+    log_p = F.log_softmax(patch_logits.float(), dim=-1)  # (L, B, N, 2)
+    target = targets.to(log_p.device).long().expand(log_p.shape[:-1])  # (L, B, N)
+    log_pt = log_p.gather(-1, target[..., None])[..., 0]  # (L, B, N)
+    return (-(1 - log_pt.exp()).pow(gamma) * log_pt).mean()
+
+
+def dice_loss(anomalous_prob: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per tapped layer over the whole batch, averaged over layers: 1 − (2Σpt + s)/(Σp + Σt + s).
+
+    Computed over the batch (not per image) so clean images, whose target is empty, still count: their
+    anomalous probability only adds to Σp. ``smooth`` = 1 as in AnomalyCLIP/APRIL-GAN.
+
+    Args:
+        anomalous_prob: (L, B, N) probability of "anomalous" per patch.
+        targets: (B, N) {0, 1}.
+
+    Example (p = t: 1 − (2·2 + 1)/(2 + 2 + 1) = 0; p = 1 − t: 1 − 1/(1 + 2 + 1)):
+        >>> t = torch.tensor([[1., 1., 0.]])
+        >>> float(dice_loss(t[None], t)), round(float(dice_loss(1 - t[None], t)), 4)
+        (0.0, 0.75)
+    """
+    targets = targets.to(anomalous_prob)[None]  # (1, B, N)
+    dims = tuple(range(1, anomalous_prob.dim()))
+    overlap = (anomalous_prob * targets).sum(dims)  # (L,)
+    total = anomalous_prob.sum(dims) + targets.sum(dims).expand_as(overlap)  # (L,)
+    return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
+
+
+def task_loss(cls_logits: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+              config: TrainConfig, image_weights: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w0·CE(image) + w1·focal(patches) + w2·dice(patches), averaged over the tapped layers.
+
+    Returns:
+        (total, {"image_loss", "focal", "dice"}) — the parts unweighted.
+    """
+    w_image, w_focal, w_dice = config.loss_weights
+    parts = {"image_loss": image_loss(cls_logits, labels, image_weights),
+             "focal": focal_loss(patch_logits, targets, config.focal_gamma),
+             "dice": dice_loss(patch_logits.float().softmax(-1)[..., 1], targets)}
+    total = w_image * parts["image_loss"] + w_focal * parts["focal"] + w_dice * parts["dice"]
+    return total, parts
+
+
+# ----------------------------------------------------------------------------------------- the data
+@dataclass
+class _Set:
+    """Encoded training entries: features, image labels, patch targets, image-loss weights, shot group."""
+
+    features: ImageFeatures  # cls (P, D), patches (L, P, N, D)
+    labels: torch.Tensor  # (P,) long
+    targets: torch.Tensor  # (P, N) float
+    weights: torch.Tensor  # (P,) float, 0 = no image-level CE (feature-space anomaly)
+    groups: torch.Tensor  # (P,) long, index into the shot groups
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> "_Set":
+        return _Set(self.features[index], self.labels[index], self.targets[index], self.weights[index],
+                    self.groups[index])
+
+    @staticmethod
+    def cat(items: Sequence["_Set"]) -> "_Set":
+        return _Set(ImageFeatures.cat([s.features for s in items]), torch.cat([s.labels for s in items]),
+                    torch.cat([s.targets for s in items]), torch.cat([s.weights for s in items]),
+                    torch.cat([s.groups for s in items]))
+
+
+def _encode(backbone, images: torch.Tensor, config: APTConfig) -> ImageFeatures:
+    """Encode in chunks of ``config.score.batch_size`` with the same encoder settings as scoring."""
+    size = max(1, config.score.batch_size)
+    return ImageFeatures.cat([backbone.encode_images(images[i:i + size], locality_radius=config.score.locality_radius)
+                              for i in range(0, images.shape[0], size)])
+
+
+def _shot_groups(shots, categories) -> tuple[list[str | None], list[torch.Tensor]]:
+    if isinstance(shots, Mapping):
+        if not shots:
+            raise ValueError("shots: empty dict; pass {category: (K, 3, S, S) tensor of normal images}")
+        names = list(shots)
+        if categories is not None and set(categories) != set(names):
+            raise ValueError(f"categories={list(categories)} differ from the shots' keys {names}")
+        return names, [shots[n] for n in names]
+    if not isinstance(shots, torch.Tensor) or shots.dim() != 4:
+        raise ValueError("shots: expected a (K, 3, S, S) tensor of normal images in [0, 1], or a dict "
+                         f"{{category: tensor}}; got {type(shots).__name__}")
+    if categories is not None and len(categories) != 1:
+        raise ValueError(f"one tensor of shots is one category, but categories={list(categories)}; pass a dict "
+                         "{category: shots} for several")
+    return [categories[0] if categories else None], [shots]
+
+
+def _clean_set(features: ImageFeatures, group: int) -> _Set:
+    count, n = features.cls.shape[0], features.patches.shape[2]
+    device = features.cls.device
+    return _Set(features, torch.zeros(count, dtype=torch.long, device=device), torch.zeros(count, n, device=device),
+                torch.ones(count, device=device), torch.full((count,), group, dtype=torch.long, device=device))
+
+
+def _perturbed_set(backbone, shots: torch.Tensor, clean: ImageFeatures, roi: torch.Tensor | None, size: int,
+                   group: int, config: APTConfig, rng: torch.Generator, feature_fraction: float) -> _Set:
+    """``size`` perturbed copies of the shots (cycled), encoded; a share made in feature space instead."""
+    from .perturbations import perturb, perturb_features
+
+    index = torch.arange(size) % shots.shape[0]  # (size,) every shot equally often
+    out = perturb(shots[index.to(shots.device)], config, rng, roi=None if roi is None else roi[index.to(roi.device)],
+                  backbone=backbone)
+    n_feature = int(round(size * feature_fraction))
+    n_pixel = size - n_feature
+    targets = out.patch_masks.flatten(1).float().to(backbone.device)  # (size, N)
+    parts, weights = [], []
+    if n_pixel:
+        parts.append(_encode(backbone, out.images[:n_pixel], config))
+        weights.append(torch.ones(n_pixel))
+    if n_feature:  # noise on cached clean patch tokens inside the mask: no encoder pass, CLS untouched
+        chosen = clean[index[n_pixel:].to(clean.cls.device)]
+        parts.append(perturb_features(chosen, out.patch_masks[n_pixel:].to(clean.cls.device), rng,
+                                      config.perturb.feature_strength))
+        weights.append(torch.zeros(n_feature))
+    device = targets.device
+    return _Set(ImageFeatures.cat(parts), torch.ones(size, dtype=torch.long, device=device), targets,
+                torch.cat(weights).to(device), torch.full((size,), group, dtype=torch.long, device=device))
+
+
+def _draw_indices(count: int, total: int, rng: torch.Generator) -> torch.Tensor:
+    """``count`` indices into ``total`` entries: without replacement when possible."""
+    if count <= total:
+        return torch.randperm(total, generator=rng)[:count]
+    return torch.randint(total, (count,), generator=rng)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def _logits(learner: PromptLearner, batch: _Set, temperature: float):
+    """Learned [normal, anomalous] logits for every entry, each with its category's prompt pair."""
+    from .scoring import patch_logits
+
+    text = learner.all_text_features()  # (P, 2, D)
+    if text.shape[0] == 1:
+        cls, patches = patch_logits(batch.features, text[0], temperature)  # (B, 2), (L, B, N, 2)
+        return cls, patches, text
+    cls, patches = [], []
+    for pair in range(text.shape[0]):  # batch is sorted by group: each pair scores a contiguous slice
+        rows = (batch.groups == pair).nonzero()[:, 0]
+        if rows.numel():
+            c, p = patch_logits(batch.features[rows], text[pair], temperature)
+            cls.append(c)
+            patches.append(p)
+    return torch.cat(cls), torch.cat(patches, dim=1), text
+
+
+def _losses(learner, meta, batch: _Set, config: APTConfig, with_meta: bool):
+    cls, patches, text = _logits(learner, batch, config.score.temperature)
+    total, parts = task_loss(cls, patches, batch.labels, batch.targets, config.train, batch.weights)
+    m_loss = None
+    if with_meta:
+        m_loss = meta_loss(config.smgs, text, meta.text_features(), batch.features, config.score.temperature,
+                           learned_logits=(cls, patches))
+    return total, parts, m_loss, text
+
+
+def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callable[[dict], None]] = (),
+                 progress: bool = True, roi=None, categories: Sequence[str] | None = None) -> TuneResult:
+    """Learn prompts from normal shots: APT's CFG + prompt tuning + SMGS, in one call.
+
+    Args:
+        backbone: the frozen backbone.
+        shots: (K, 3, S, S) normal pixels in [0, 1], or ``{category: (K, 3, S, S)}`` (several categories: one
+            prompt pair each when ``config.prompts.per_category``, else one shared pair trained on all).
+        config: every knob (``train``, ``perturb``, ``prompts``, ``smgs``; ``score.temperature`` for logits).
+        callbacks: each gets every step's history record right after the step (live plots, early stopping by
+            raising :class:`StopTraining`).
+        progress: show a tqdm bar.
+        roi: optional (K, S, S) bool region of interest (a dict of them for dict shots); None = computed once
+            per shot with ``region_of_interest`` (or the whole image when ``config.perturb.region == "image"``).
+        categories: names for a tensor of shots (one name), needed with ``per_category`` prompts.
+
+    Returns:
+        :class:`TuneResult`. A KeyboardInterrupt (or :class:`StopTraining`) returns the steps done so far
+        with ``interrupted=True`` — the last step may be half-applied if it struck inside the optimiser.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN/inf; names the step, suggests a lower lr, and holds the
+            result of the steps before it in ``.result``.
+
+    History records hold :data:`HISTORY_KEYS`; ``meta_loss`` is computed (detached) even when λ = 0, while
+    ``conflict_rate`` is None then (SMGS off: no meta gradient); ``held_out_loss`` is None except at
+    ``periodic`` re-anchoring steps. Batches: ``round(batch_size · anomaly_fraction)`` anomalies drawn from
+    the pool (all shot groups), the rest clean shots; pool_size perturbed images *per shot group*.
+    """
+    from .perturbations import region_of_interest
+
+    train = config.train
+    start_all = time.perf_counter()
+    names, groups = _shot_groups(shots, categories)
+    groups = [g.to(backbone.device) for g in groups]
+    named = [n for n in names if n is not None]
+    learner = PromptLearner(backbone, config.prompts, categories=named or None, seed=train.seed)
+    meta = MetaPrompt(backbone, config.smgs, categories=named).to(backbone.device)
+    rng = torch.Generator().manual_seed(train.seed)  # perturbations and batch order; CPU, device-independent
+    timings = {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0, "pool_builds": 0, "steps_s": 0.0,
+               "step_s": 0.0, "total_s": 0.0}
+    result = TuneResult(learner, meta, [], timings, False, config, named or None)
+
+    # ---- clean shots: encoded once
+    t0 = time.perf_counter()
+    clean_features = [_encode(backbone, g, config) for g in groups]
+    clean = _Set.cat([_clean_set(f, i) for i, f in enumerate(clean_features)])
+    timings["encode_shots_s"] = time.perf_counter() - t0
+
+    # ---- regions of interest: once per shot
+    t0 = time.perf_counter()
+    if roi is not None:
+        rois = [roi[n] for n in names] if isinstance(roi, Mapping) else [roi]
+    elif config.perturb.region == "image":
+        rois = [None] * len(groups)
+    else:
+        rois = [region_of_interest(backbone, g, config) for g in groups]
+    timings["roi_s"] = time.perf_counter() - t0
+
+    n_anomalous = int(round(train.batch_size * train.anomaly_fraction))
+    n_clean = train.batch_size - n_anomalous
+    pool_size = math.ceil(n_anomalous / len(groups)) if train.encode_each_step else train.pool_size
+    if n_anomalous and pool_size < 1:
+        raise ValueError(f"config.train.pool_size={train.pool_size}: need at least 1 perturbed image per shot group")
+
+    def build_pool(size: int) -> _Set:
+        t = time.perf_counter()
+        pool = _Set.cat([_perturbed_set(backbone, g, f, r, size, i, config, rng, train.feature_pool_fraction)
+                         for i, (g, f, r) in enumerate(zip(groups, clean_features, rois))])
+        timings["pool_s"] += time.perf_counter() - t
+        timings["pool_builds"] += 1
+        return pool
+
+    pool = build_pool(pool_size) if n_anomalous and not train.encode_each_step else None
+    held_out = None
+    if config.smgs.update == "periodic":
+        held_out = _Set.cat([build_pool(max(1, config.smgs.heldout_size)), clean])  # anomalies never trained on
+
+    optimizer = torch.optim.Adam(learner.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    use_smgs = config.smgs.lam > 0
+    bar = _progress_bar(train.steps, progress)
+    try:
+        for step in range(train.steps):
+            t_step = time.perf_counter()
+            if n_anomalous and (train.encode_each_step or (train.pool_refresh > 0 and step > 0
+                                                          and step % train.pool_refresh == 0)):
+                pool = build_pool(pool_size)
+            parts_of_batch = []
+            if n_anomalous:
+                parts_of_batch.append(pool[_draw_indices(n_anomalous, len(pool), rng).to(backbone.device)])
+            if n_clean:
+                parts_of_batch.append(clean[torch.randint(len(clean), (n_clean,), generator=rng).to(backbone.device)])
+            batch = _Set.cat(parts_of_batch)
+            if learner.n_pairs > 1:
+                batch = batch[torch.sort(batch.groups, stable=True).indices]  # contiguous groups
+
+            optimizer.zero_grad(set_to_none=True)
+            total, parts, m_loss, text = _losses(learner, meta, batch, config, with_meta=True)
+            if not torch.isfinite(total):
+                raise TrainingDivergedError(
+                    f"the task loss became {_number(total)} at step {step} (lr={train.lr:g}); lower "
+                    f"config.train.lr (e.g. {train.lr / 10:g}). The prompts from before this step are in "
+                    "error.result.", result)
+            if use_smgs:
+                stats = apply_smgs(learner.parameters(), total, m_loss, config.smgs.lam)
+                conflict_rate = stats["conflict_rate"]
+            else:
+                total.backward()
+                conflict_rate = None
+            optimizer.step()
+
+            held_out_loss = None
+            if meta.wants_held_out(step):
+                with torch.no_grad():
+                    held_out_total, _, _, text = _losses(learner, meta, held_out, config, with_meta=False)
+                held_out_loss = float(held_out_total)
+            meta.update(text.detach().mean(0), step, held_out_loss)  # mean over categories' pairs
+
+            seconds = time.perf_counter() - t_step
+            record = {"step": step, "loss": _number(total), "image_loss": _number(parts["image_loss"]),
+                      "focal": _number(parts["focal"]), "dice": _number(parts["dice"]),
+                      "meta_loss": _number(m_loss), "conflict_rate": conflict_rate,
+                      "meta_drift": float(meta.drift().mean()), "held_out_loss": held_out_loss, "seconds": seconds}
+            result.history.append(record)
+            timings["steps_s"] += seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            for callback in callbacks:
+                callback(record)
+    except (KeyboardInterrupt, StopTraining) as stop:
+        result.interrupted = True
+        if isinstance(stop, KeyboardInterrupt):
+            warnings.warn(f"tuning interrupted after {len(result.history)} of {train.steps} steps; returning the "
+                          "prompts and history so far (result.interrupted is True)", RuntimeWarning, stacklevel=2)
+    finally:
+        bar.close()
+        timings["step_s"] = timings["steps_s"] / max(1, len(result.history))
+        timings["total_s"] = time.perf_counter() - start_all
+    learner.eval()
+    return result
+
+
+def _number(value: torch.Tensor) -> float:
+    return float(value.detach())
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="tuning prompts", disable=not enabled, leave=False)

@@ -1,0 +1,178 @@
+"""Every widget builder, driven as a reader would: set a control, check the figure changed accordingly."""
+import json
+
+import ipywidgets
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from apt_lab import widgets
+from apt_lab.config import APTConfig
+from apt_lab.widgets import choose_backend
+
+BACKENDS = ["figurewidget", "output"]
+
+
+def image_sources(fig):
+    return [t.source for t in fig.data if t.type == "image"]
+
+
+def test_choose_backend_explicit_env_and_colab(monkeypatch):
+    assert choose_backend("output") == "output"
+    assert choose_backend("figurewidget") == "figurewidget"
+    with pytest.raises(ValueError, match="backend="):
+        choose_backend("matplotlib")
+    monkeypatch.setenv("APT_LAB_WIDGET_BACKEND", "output")
+    assert choose_backend() == "output"
+    monkeypatch.delenv("APT_LAB_WIDGET_BACKEND")
+    assert choose_backend() == "figurewidget"  # anywidget is installed here
+    monkeypatch.setitem(__import__("sys").modules, "google.colab", object())
+    assert choose_backend() == "output"  # Colab: core ipywidgets only
+
+
+@pytest.fixture(scope="module")
+def normal_images(tiny_backbone):
+    generator = torch.Generator().manual_seed(0)
+    size = tiny_backbone.image_size
+    base = torch.rand(2, 3, size // 8, size // 8, generator=generator)
+    return torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear").clamp(0, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturbation_explorer_redraws_on_every_control(tiny_backbone, normal_images, backend):
+    config = APTConfig.preset("quick")
+    explorer = widgets.perturbation_explorer(tiny_backbone, normal_images, config, backend=backend)
+    assert isinstance(explorer, ipywidgets.VBox) and explorer.backend == backend
+    assert set(explorer.controls) == {"image", "generator", "strength", "region", "seed"}
+    if backend == "figurewidget":
+        assert isinstance(explorer.view.widget, go.FigureWidget)
+    else:
+        assert isinstance(explorer.view.widget, ipywidgets.Output)
+    first = image_sources(explorer.figure)
+    assert len(first) == 3  # normal, perturbed, overlay
+    mask_before = explorer.last.masks.clone()
+
+    explorer.controls["seed"].value = 7  # new blob and noise
+    assert not torch.equal(explorer.last.masks, mask_before)
+    assert image_sources(explorer.figure)[1] != first[1]
+    assert image_sources(explorer.figure)[0] == first[0]  # the normal image never changes
+
+    explorer.controls["strength"].value = 0.0  # zero noise: pixels equal the original
+    assert torch.allclose(explorer.last.images, normal_images[:1], atol=1e-6)
+    explorer.controls["strength"].value = 1.0
+    assert not torch.allclose(explorer.last.images, normal_images[:1], atol=1e-3)
+
+    explorer.controls["region"].value = False  # anywhere in the image
+    assert bool(explorer.last.roi.all())
+    explorer.controls["generator"].value = "salt_pepper"
+    assert explorer.last.generators == ["salt_pepper"]
+    assert "salt_pepper" in explorer.figure.layout.title.text
+    explorer.controls["image"].value = 1
+    assert image_sources(explorer.figure)[0] != first[0]
+    assert "mask covers" in explorer.info.value
+    if backend == "figurewidget":  # the FigureWidget shows what the figure holds
+        assert explorer.view.widget.layout.title.text == explorer.figure.layout.title.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_dashboard_callback_appends_and_redraws(backend):
+    dashboard, callback = widgets.training_dashboard(backend=backend, min_interval=0.0)
+    assert isinstance(dashboard, ipywidgets.VBox) and callback == dashboard.callback
+    assert len(dashboard.figure.data) == 0  # nothing to plot yet
+    for step in range(5):
+        callback({"step": step, "loss": 1.0 / (step + 1), "focal": 0.3, "meta_loss": 0.1,
+                  "conflict_rate": 0.25, "meta_drift": 0.01 * step, "seconds": 0.1})
+    assert len(dashboard.history) == 5
+    losses = {t.name: list(t.y) for t in dashboard.figure.data}
+    assert losses["loss"] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+    assert losses["meta_drift"][-1] == pytest.approx(0.04)
+    assert "step 4" in dashboard.figure.layout.title.text and "step 4" in dashboard.info.value
+
+    dashboard.controls["smooth"].value = 2  # moving average over 2 steps
+    smoothed = {t.name: list(t.y) for t in dashboard.figure.data}["loss"]
+    assert smoothed[1] == pytest.approx((1 + 1 / 2) / 2)
+    dashboard.controls["log_y"].value = True
+    assert dashboard.figure.layout.xaxis.type is None and dashboard.figure.layout.yaxis.type == "log"
+    dashboard.reset()
+    assert dashboard.history == [] and len(dashboard.figure.data) == 0
+
+
+def test_training_dashboard_throttles_but_draws_the_last_step():
+    dashboard, callback = widgets.training_dashboard(backend="output", total_steps=50, min_interval=3600)
+    renders = dashboard.view.renders
+    for step in range(50):
+        callback({"step": step, "loss": 1.0})
+    assert dashboard.view.renders == renders + 1  # only the last step drew (throttled otherwise)
+    assert len(dashboard.figure.data[0].x) == 50
+
+
+@pytest.fixture(scope="module")
+def scored_set():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 32, 32, generator=generator)
+    maps = torch.zeros(3, 32, 32)
+    maps[1, 8:16, 8:16] = 1.0  # image 1: a strong square anomaly
+    maps[2] = 0.2 * torch.rand(32, 32, generator=generator)  # image 2: faint noise only
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[1, 8:16, 8:16] = True
+    return images, maps, masks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_map_viewer_controls(scored_set, backend):
+    images, maps, masks = scored_set
+    viewer = widgets.map_viewer(images, maps, masks, image_scores=torch.tensor([0.1, 0.9, 0.3]),
+                                labels=torch.tensor([0, 1, 0]), threshold=0.5, backend=backend)
+    assert set(viewer.controls) == {"image", "threshold", "colour_range", "opacity"}
+    heat = lambda: next(t for t in viewer.figure.data if t.type == "heatmap")  # noqa: E731
+
+    viewer.controls["image"].value = 1
+    assert "anomalous" in viewer.figure.layout.title.text and "0.900" in viewer.figure.layout.title.text
+    assert "IoU with the ground truth 1.00" in viewer.info.value  # the square, thresholded at 0.5, is the mask
+    assert [t.name for t in viewer.figure.data].count("map ≥ threshold") == 1
+
+    viewer.controls["image"].value = 2  # faint noise: global range keeps it blue, per image stretches it
+    assert (heat().zmin, heat().zmax) == pytest.approx((0.0, 1.0))
+    viewer.controls["colour_range"].value = "per image"
+    assert heat().zmax == pytest.approx(float(maps[2].max()))
+
+    viewer.controls["opacity"].value = 0.9
+    assert heat().opacity == pytest.approx(0.9)
+    viewer.controls["image"].value = 1
+    viewer.controls["threshold"].value = 0.0  # everything above threshold: IoU = mask share
+    assert "100.0% of pixels" in viewer.info.value
+    contour = next(t for t in viewer.figure.data if t.name == "map ≥ threshold")
+    assert contour.contours.start == pytest.approx(0.0)
+
+
+def test_map_viewer_rejects_mismatched_inputs(scored_set):
+    images, maps, masks = scored_set
+    with pytest.raises(ValueError, match="one map"):
+        widgets.map_viewer(images[:2], maps, backend="output")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_explorer_metric_and_axis(backend):
+    rows = [{"variant": v, "category": c, "seed": s, "image_auroc": a + 0.01 * s, "pixel_auroc": 0.5}
+            for v, a in (("human", 0.6), ("APT", 0.8)) for c in ("brick", "grass") for s in (0, 1)]
+    explorer = widgets.results_explorer(rows, backend=backend)
+    names = [t.name for t in explorer.figure.data]
+    assert names == ["human", "APT"] and list(explorer.figure.data[1].x) == ["brick", "grass", "mean"]
+    assert explorer.figure.data[1].y[0] == pytest.approx(0.805)
+    explorer.controls["metric"].value = "pixel_auroc"
+    assert explorer.figure.data[1].y[0] == pytest.approx(0.5)
+    explorer.controls["x"].value = "variant"
+    assert [t.name for t in explorer.figure.data] == ["brick", "grass"]
+    with pytest.raises(ValueError, match="no row holds a metric"):
+        widgets.results_explorer([{"variant": "x"}], backend=backend)
+
+
+def test_output_backend_mimebundle_is_json_and_html():
+    from apt_lab.plots import image_figure
+    from apt_lab.widgets._view import mimebundle
+
+    bundle = mimebundle(image_figure(np.zeros((3, 4, 4))))
+    json.dumps(bundle["application/vnd.plotly.v1+json"])
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["type"] == "image"
+    assert "cdn.plot.ly" in bundle["text/html"] or "plotly" in bundle["text/html"]
