@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -76,7 +77,7 @@ def save_prompts(result_or_learner, path: str | os.PathLike, config: APTConfig |
     meta_info = None
     if meta is not None:
         tensors["meta.current"], tensors["meta.initial"] = meta.current, meta.initial
-        meta_info = {"smgs_config": _asdict(meta.config),
+        meta_info = {"smgs_config": dataclasses.asdict(meta.config),
                      "best_loss": meta.best_loss if math.isfinite(meta.best_loss) else None, "anchors": meta.anchors}
     tensors = {name: t.detach().float().cpu().contiguous().clone() for name, t in tensors.items()}
     from . import __version__  # lazy: apt_lab/__init__ may import this module
@@ -168,12 +169,6 @@ def _check_backbone(saved: dict, current: dict, where: Path) -> None:
                       f"{saved.get('layers')}; this backbone runs image_size={current.get('image_size')}, layers="
                       f"{current.get('layers')}. The prompts load, but scores may differ from the tuned setting.",
                       UserWarning, stacklevel=3)
-
-
-def _asdict(config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 def _atomic(target: Path, write) -> None:

@@ -149,8 +149,9 @@ def anomaly_map_figure(image, anomaly_map, mask=None, zmin: float | None = None,
     """An anomaly map (H, W) over its image (3, H, W), the ground-truth outline (white) if ``mask`` is given.
 
     Args:
-        zmin, zmax: colour range; None = this map's own min / max. Pass the set's range (``map_range``)
-            to compare images fairly.
+        zmin: lower end of the colour range; None = this map's own minimum. Pass the set's range
+            (``map_range``) to compare images fairly.
+        zmax: upper end of the colour range; None = this map's own maximum.
         opacity: of the heat map over the image, 0 (image only) to 1 (map only).
         threshold: optional score; draws the outline of ``anomaly_map >= threshold`` (magenta).
     """
@@ -168,7 +169,9 @@ def anomaly_map_grid(images, maps, masks=None, zmin: float | None = None, zmax: 
     """A grid of maps over images with **one shared colour range** (the set's min/max unless given).
 
     Args:
-        images: (B, 3, H, W) or a list of (3, H, W); maps: (B, H, W); masks: (B, H, W) bool or None.
+        images: (B, 3, H, W) or a list of (3, H, W).
+        maps: (B, H, W) anomaly maps.
+        masks: (B, H, W) bool ground truth, or None.
         per_image_range: True normalises each map to its own range instead (misleading; for comparison only).
         max_side: maps are area-averaged to at most this many pixels per side for display (None = full size).
     """
@@ -202,10 +205,13 @@ def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = No
     """CFG at a glance: the normal image (region of interest outlined), the perturbed one, and its mask.
 
     Args:
-        image, perturbed: (3, H, W) pixels; mask: (H, W) bool synthetic-anomaly mask; roi: (H, W) bool or None.
+        image: (3, H, W) normal pixels in [0, 1].
+        perturbed: (3, H, W) perturbed pixels.
+        mask: (H, W) bool synthetic-anomaly mask.
+        roi: (H, W) bool region of interest, or None.
     """
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.02,
-                        subplot_titles=("normal image" + (" + region of interest" if roi is not None else ""),
+                        subplot_titles=("normal" + (" (yellow: region of interest)" if roi is not None else ""),
                                         "perturbed", "anomaly mask (red) on perturbed"))
     fig.add_trace(_image_trace(image, "normal"), row=1, col=1)
     if roi is not None and to_numpy(roi).any() and not to_numpy(roi).all():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SMGSConfig
+from .scoring import patch_logits
 
 UPDATES = ("ema", "periodic", "static")
 META_LOSSES = ("kl", "cosine")
@@ -140,8 +141,6 @@ def meta_loss(config: SMGSConfig, learned_text: torch.Tensor, meta_text: torch.T
         raise ValueError(f"SMGSConfig.meta_loss must be one of {META_LOSSES}, got {config.meta_loss!r}")
     if features is None:
         raise ValueError("meta_loss='kl' compares probabilities on images: pass features=ImageFeatures of the batch")
-    from .scoring import patch_logits  # lazy: scoring imports nothing from here, but keep import order loose
-
     if learned_logits is None:
         if learned_text.dim() != 2:
             raise ValueError("per-pair learned_text (P, 2, D) needs learned_logits computed per image")

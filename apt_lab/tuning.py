@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 from .backbone import ImageFeatures
 from .config import APTConfig, TrainConfig
+from .perturbations import perturb, perturb_features, region_of_interest
 from .prompts import PromptLearner
+from .scoring import patch_logits
 from .smgs import MetaPrompt, apply_smgs, meta_loss
 
 HISTORY_KEYS = ("step", "loss", "image_loss", "focal", "dice", "meta_loss", "conflict_rate", "meta_drift",
@@ -88,8 +90,11 @@ def image_loss(cls_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Te
     it anomalous would teach a contradiction). Returns 0 when every weight is 0.
 
     Example:
-        >>> round(float(image_loss(torch.tensor([[0., 0.], [2., 0.]]), torch.tensor([1, 0]))), 4)   # (ln2 + 0.1269)/2
-        0.4100
+        >>> logits, labels = torch.tensor([[0., 0.], [2., 0.]]), torch.tensor([1, 0])  # CE: ln 2, ln(1 + e⁻²)
+        >>> round(float(image_loss(logits, labels)), 4)                             # mean of both
+        0.41
+        >>> round(float(image_loss(logits, labels, torch.tensor([0., 1.]))), 4)     # first entry skipped
+        0.1269
     """
     ce = F.cross_entropy(cls_logits.float(), labels.long(), reduction="none")  # (B,)
     if weights is None:
@@ -212,8 +217,6 @@ def _clean_set(features: ImageFeatures, group: int) -> _Set:
 def _perturbed_set(backbone, shots: torch.Tensor, clean: ImageFeatures, roi: torch.Tensor | None, size: int,
                    group: int, config: APTConfig, rng: torch.Generator, feature_fraction: float) -> _Set:
     """``size`` perturbed copies of the shots (cycled), encoded; a share made in feature space instead."""
-    from .perturbations import perturb, perturb_features
-
     index = torch.arange(size) % shots.shape[0]  # (size,) every shot equally often
     out = perturb(shots[index.to(shots.device)], config, rng, roi=None if roi is None else roi[index.to(roi.device)],
                   backbone=backbone)
@@ -243,21 +246,21 @@ def _draw_indices(count: int, total: int, rng: torch.Generator) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- the loop
 def _logits(learner: PromptLearner, batch: _Set, temperature: float):
-    """Learned [normal, anomalous] logits for every entry, each with its category's prompt pair."""
-    from .scoring import patch_logits
-
+    """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair."""
     text = learner.all_text_features()  # (P, 2, D)
     if text.shape[0] == 1:
         cls, patches = patch_logits(batch.features, text[0], temperature)  # (B, 2), (L, B, N, 2)
         return cls, patches, text
-    cls, patches = [], []
-    for pair in range(text.shape[0]):  # batch is sorted by group: each pair scores a contiguous slice
-        rows = (batch.groups == pair).nonzero()[:, 0]
+    cls, patches, order = [], [], []
+    for pair in range(text.shape[0]):
+        rows = (batch.groups == pair).nonzero()[:, 0]  # (b,) entries of this category
         if rows.numel():
             c, p = patch_logits(batch.features[rows], text[pair], temperature)
             cls.append(c)
             patches.append(p)
-    return torch.cat(cls), torch.cat(patches, dim=1), text
+            order.append(rows)
+    back = torch.argsort(torch.cat(order))  # (B,) from pair-grouped order back to batch order
+    return torch.cat(cls)[back], torch.cat(patches, dim=1)[:, back], text
 
 
 def _losses(learner, meta, batch: _Set, config: APTConfig, with_meta: bool):
@@ -299,8 +302,6 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     ``periodic`` re-anchoring steps. Batches: ``round(batch_size · anomaly_fraction)`` anomalies drawn from
     the pool (all shot groups), the rest clean shots; pool_size perturbed images *per shot group*.
     """
-    from .perturbations import region_of_interest
-
     train = config.train
     start_all = time.perf_counter()
     names, groups = _shot_groups(shots, categories)
@@ -363,8 +364,6 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
             if n_clean:
                 parts_of_batch.append(clean[torch.randint(len(clean), (n_clean,), generator=rng).to(backbone.device)])
             batch = _Set.cat(parts_of_batch)
-            if learner.n_pairs > 1:
-                batch = batch[torch.sort(batch.groups, stable=True).indices]  # contiguous groups
 
             optimizer.zero_grad(set_to_none=True)
             total, parts, m_loss, text = _losses(learner, meta, batch, config, with_meta=True)
@@ -386,6 +385,7 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
                 with torch.no_grad():
                     held_out_total, _, _, text = _losses(learner, meta, held_out, config, with_meta=False)
                 held_out_loss = float(held_out_total)
+            # ema: the features this step started from (no extra pass); periodic: the post-step ones just scored
             meta.update(text.detach().mean(0), step, held_out_loss)  # mean over categories' pairs
 
             seconds = time.perf_counter() - t_step

@@ -67,8 +67,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}; pool {args.pool_size}, "
           f"batch {args.batch_size} (half anomalies), k={args.k}")
-    header = f"{'model':<10} {'pool encode':>12} {'cached step':>12} {'re-encode step':>15} {'ratio':>7} {'break-even':>11}"
-    print(header)
+    print(f"{'model':<10} {'pool encode':>12} {'cached step':>12} {'re-encode step':>15} {'ratio':>7} "
+          f"{'break-even':>11}")
     for model in args.models:
         r = bench(model, args)
         print(f"{r['model']:<10} {r['pool_encode_s']:>11.2f}s {r['cached_step_s']:>11.3f}s "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,21 @@ COIN_CENTRES = ((43, 334), (50, 154), (51, 215), (52, 275), (119, 270), (124, 44
                 (267, 358))
 
 
+@lru_cache(maxsize=None)
 def source_image(name: str) -> np.ndarray:
-    """The scikit-image photograph ``name`` as uint8 RGB ``(H, W, 3)``."""
+    """The scikit-image photograph ``name`` as uint8 RGB ``(H, W, 3)`` (cached, read-only)."""
     import skimage.data
 
     img = getattr(skimage.data, name)()
-    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+    img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3].copy()
+    img.flags.writeable = False
+    return img
 
 
 def clean_crop(source: str, box: list[int]) -> np.ndarray:
     """Crop ``box = [y0, x0, h, w]`` of photo ``source``, resized to SIZE x SIZE: uint8 (S, S, 3)."""
     y0, x0, h, w = box
-    crop = source_image(source)[y0:y0 + h, x0:x0 + w]                 # (h, w, 3)
+    crop = source_image(source)[y0:y0 + h, x0:x0 + w].copy()          # (h, w, 3)
     if (h, w) != (SIZE, SIZE):
         crop = np.asarray(Image.fromarray(crop).resize((SIZE, SIZE), Image.BICUBIC))
     return crop

@@ -453,13 +453,15 @@ only change pixels inside `region`; `perturb` checks that and intersects the ret
 Here: thin random line segments — closer to real scratches than blob-shaped noise."""),
     ("code", """@apt_lab.register_perturbation("lines", replace=True)      # replace=True: re-running the cell is fine
 def random_lines(image, region, rng, strength):
-    \"\"\"2-6 thin straight lines of random brightness through the region.\"\"\"
+    \"\"\"2-6 thin straight lines of one random brightness, each between two random pixels of the region.\"\"\"
     _, height, width = image.shape
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    inside_region = region.cpu().nonzero().float()                                     # (n, 2) allowed pixels
     mask = torch.zeros(height, width, dtype=torch.bool)
     count = int(torch.randint(2, 7, (), generator=rng))
     for _ in range(count):
-        y0, x0, y1, x1 = (torch.rand(4, generator=rng) * torch.tensor([height, width, height, width])).tolist()
+        ends = inside_region[torch.randint(len(inside_region), (2,), generator=rng)]    # two (row, col) ends
+        (y0, x0), (y1, x1) = ends.tolist()
         length = max(1.0, ((y1 - y0) ** 2 + (x1 - x0) ** 2) ** 0.5)
         distance = ((x1 - x0) * (y0 - rows) - (x0 - cols) * (y1 - y0)).abs() / length   # to the line
         inside = (cols - x0) * (x1 - x0) + (rows - y0) * (y1 - y0)                       # between the ends

@@ -201,3 +201,12 @@ def test_manual_datasets_say_what_to_do(root):
     with pytest.raises(ValueError, match="No download for dataset 'demo'"):
         download("demo", root)
     assert _listing(root) == []
+
+
+def test_known_dataset_already_extracted_is_not_downloaded_again(server, root):
+    folder, base = server
+    _zip(folder / "tiny.zip", LAYOUT)
+    download("mvtec", root, url=f"{base}/tiny.zip", progress=False)
+    before = _listing(root)
+    assert download("mvtec", root, progress=False) == root.resolve()   # no manual-step error
+    assert _listing(root) == before

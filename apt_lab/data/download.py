@@ -27,8 +27,6 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 TIMEOUT_S = 30
 _CHUNK = 1 << 20
 VISA_SPLIT_URL = "https://raw.githubusercontent.com/amazon-science/spot-diff/main/split_csv/1cls.csv"
@@ -84,6 +82,10 @@ def download(name: str, root: str | os.PathLike, *, url: str | None = None,
     spec = KNOWN_DOWNLOADS[key]
     root = Path(root).expanduser().resolve()
     if url is None:
+        if _already_there(key, root):
+            if progress:
+                print(f"{key} is already in {root}; nothing to download.")
+            return root
         if spec["url"] is None:
             raise ManualDownloadRequired(spec["manual"].format(root=root))
         url, sha256 = spec["url"], sha256 or spec["sha256"]
@@ -108,6 +110,15 @@ def download(name: str, root: str | os.PathLike, *, url: str | None = None,
     if progress:
         print(f"{key} is ready in {root}")
     return root
+
+
+def _already_there(name: str, root: Path) -> bool:
+    from .readers import list_categories
+
+    try:
+        return root.is_dir() and len(list_categories(name, root)) > 0
+    except (OSError, ValueError):
+        return False
 
 
 def _local_path(url: str) -> Path | None:
@@ -136,6 +147,8 @@ def _check_digest(actual: str, expected: str, what: str) -> None:
 
 def _fetch(url: str, root: Path, sha256: str | None, progress: bool) -> Path:
     """Stream ``url`` into a temporary file in ``root``; rename it when complete and verified."""
+    from tqdm.auto import tqdm                                  # lazy: keeps `import apt_lab.data` light
+
     filename = Path(urllib.parse.urlparse(url).path).name or "download"
     fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".apt_lab_download_", suffix=".part")
     tmp = Path(tmp_name)

@@ -77,8 +77,12 @@ def map_viewer(images, anomaly_maps, masks=None, image_scores=None, labels=None,
     """Browse anomaly maps over their images.
 
     Args:
-        images: (B, 3, H, W) pixels in [0, 1]; anomaly_maps: (B, H, W); masks: (B, H, W) bool or None.
-        image_scores: (B,) or None; labels: (B,) 0/1 or None; titles: B strings (e.g. defect names) or None.
+        images: (B, 3, H, W) pixels in [0, 1].
+        anomaly_maps: (B, H, W).
+        masks: (B, H, W) bool ground truth, or None.
+        image_scores: (B,) or None.
+        labels: (B,) 0 normal / 1 anomalous, or None.
+        titles: B strings (e.g. defect names), or None.
         threshold: starting threshold (choose it without the test set, e.g. from held-out perturbed shots);
             None = the 99th percentile of all map values.
         backend: "figurewidget", "output" (core ipywidgets only, for Colab) or None (automatic).
