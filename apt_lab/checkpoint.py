@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import APTConfig, PromptConfig, SMGSConfig, _build
+from .config import APTConfig, PromptConfig, SMGSConfig, section_from_dict
 from .prompts import PromptLearner
 from .smgs import MetaPrompt
 
@@ -129,7 +129,7 @@ def load_prompts(path: str | os.PathLike, backbone, with_meta: bool = False):
     info = read_prompt_info(path)
     _check_backbone(info["backbone"], backbone_info(backbone), tensor_file)
     tensors = load_file(str(tensor_file), device="cpu")
-    prompt_config = _build(PromptConfig, info["prompt_config"], f"{tensor_file}: prompt_config")
+    prompt_config = section_from_dict(PromptConfig, info["prompt_config"], f"{tensor_file}: prompt_config")
     learner = PromptLearner(backbone, prompt_config, categories=info.get("categories"), seed=info.get("seed", 0))
     expected = {f"ctx.{i}": p for i, p in enumerate(learner.ctx)}
     expected.update({f"deep.{i}": p for i, p in enumerate(learner.deep)})
@@ -145,7 +145,7 @@ def load_prompts(path: str | os.PathLike, backbone, with_meta: bool = False):
         return learner
     meta = None
     if info.get("meta") is not None and "meta.initial" in tensors:
-        smgs = _build(SMGSConfig, info["meta"]["smgs_config"], f"{tensor_file}: smgs_config")
+        smgs = section_from_dict(SMGSConfig, info["meta"]["smgs_config"], f"{tensor_file}: smgs_config")
         meta = MetaPrompt(None, smgs, features=tensors["meta.initial"]).to(backbone.device)
         meta.current.copy_(tensors["meta.current"].to(meta.current))
         best = info["meta"].get("best_loss")

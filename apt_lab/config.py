@@ -118,7 +118,7 @@ class APTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "APTConfig":
-        return _build(cls, data, "config")
+        return section_from_dict(cls, data, "config")
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "APTConfig":
@@ -157,7 +157,7 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def _build(cls, data: dict[str, Any], where: str):
+def section_from_dict(cls, data: dict[str, Any], where: str):
     """Dataclass ``cls`` from a dict, recursing into sections; unknown keys are errors, lists become tuples."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
@@ -170,7 +170,7 @@ def _build(cls, data: dict[str, Any], where: str):
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
             else fields[name].default
         if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, f"{where}.{name}")
+            values[name] = section_from_dict(type(default), value, f"{where}.{name}")
         else:
             values[name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)

@@ -71,7 +71,7 @@ def _header(results: dict) -> str:
     b = results["backbone"]
     lines = [f"<h1>apt_lab run: {html.escape(results['name'])}</h1>",
              f"<p>Dataset <b>{html.escape(results['dataset'])}</b>, method <b>{results['method']}</b>, "
-             f"backbone <b>{html.escape(b['name'])}</b> ({html.escape(str(b['tag']))}), k = {results['k']} shots, "
+             f"backbone <b>{html.escape(b['name'])}</b> ({html.escape(str(b['tag'] or 'no pretrained tag'))}), k = {results['k']} shots, "
              f"seed {results['seed']}, evaluated at {results['eval_resolution']}×{results['eval_resolution']} px.</p>"]
     if not results["pretrained"]:
         lines.append("<p class='warn'>Pretrained weights were unavailable: this run used RANDOM weights. The numbers "
