@@ -23,10 +23,10 @@ demo: install
 	$(BIN)/apt-lab demo $(ARGS)
 
 test: install
-	$(TEST_ENV) $(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest tests notebooks apt_lab --doctest-modules --nbval-lax -p no:cacheprovider $(ARGS)
 
 test-unit: install
-	$(TEST_ENV) $(BIN)/python -m pytest tests -p no:cacheprovider $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest tests apt_lab --doctest-modules -p no:cacheprovider $(ARGS)
 
 test-notebooks: install
 	$(TEST_ENV) $(BIN)/python -m pytest notebooks --nbval-lax -p no:cacheprovider $(ARGS)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
-from torchvision.transforms import InterpolationMode
 
 from .errors import UnknownBackboneError, WeightsUnavailableError
 

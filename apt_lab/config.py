@@ -153,6 +153,23 @@ class APTConfig:
         return APTConfig.from_dict(data)
 
 
+def config_section(config, section_type):
+    """The ``section_type`` part of an APTConfig, or ``config`` itself when it already is one.
+
+    Example:
+        >>> config_section(APTConfig(), ScoreConfig).temperature
+        0.07
+    """
+    if isinstance(config, section_type):
+        return config
+    if isinstance(config, APTConfig):
+        for f in dataclasses.fields(APTConfig):
+            value = getattr(config, f.name)
+            if isinstance(value, section_type):
+                return value
+    raise TypeError(f"config: expected APTConfig or {section_type.__name__}, got {type(config).__name__}")
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 

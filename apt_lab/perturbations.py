@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, ImageFeatures, check_pixels
 from .blobs import area_bounds, nearest_pixels, random_blob
-from .config import APTConfig, PerturbConfig
+from .config import APTConfig, PerturbConfig, config_section
 
 ROI_PROMPTS = ("a photo of an object.", "a photo of the background.")  # foreground vs background texts
 ROI_MIN_FRACTION = 0.05  # a foreground smaller than this share of the grid is degenerate → whole image
@@ -225,7 +225,7 @@ def region_of_interest(backbone: Backbone, images: torch.Tensor, config: APTConf
     last tapped layer's patch tokens, cos to "a photo of an object." minus cos to "a photo of the background.",
     then :func:`foreground_from_similarity` (Otsu, dilation, texture fallback), up-sampled nearest to pixels.
     """
-    cfg = _perturb_config(config)
+    cfg = config_section(config, PerturbConfig)
     check_pixels(images, "images", size=backbone.image_size)
     size = backbone.image_size
     if cfg.region == "image":
@@ -302,7 +302,7 @@ def perturb(images: torch.Tensor, config: APTConfig | PerturbConfig, rng: torch.
         backbone: gives the patch size (and the ROI when needed).
         patch_size: patch side for ``patch_masks`` when no backbone is given; default 16.
     """
-    cfg = _perturb_config(config)
+    cfg = config_section(config, PerturbConfig)
     check_pixels(images, "images", size=backbone.image_size if backbone is not None else None)
     batch, _, height, width = images.shape
     if backbone is not None and patch_size not in (None, backbone.patch_size):
@@ -341,14 +341,6 @@ def perturb(images: torch.Tensor, config: APTConfig | PerturbConfig, rng: torch.
     patches.view(batch, -1)[empty, covered[empty].argmax(1)] = True
     dev = images.device
     return Perturbation(out, masks.to(dev), patches.to(dev), used, torch.tensor(strengths), roi.to(dev))
-
-
-def _perturb_config(config) -> PerturbConfig:
-    if isinstance(config, APTConfig):
-        return config.perturb
-    if isinstance(config, PerturbConfig):
-        return config
-    raise TypeError(f"config: expected APTConfig or PerturbConfig, got {type(config).__name__}")
 
 
 def _resolve_roi(images, cfg: PerturbConfig, roi, backbone) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go

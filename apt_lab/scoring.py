@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone, ImageFeatures, check_pixels
-from .config import APTConfig, ScoreConfig
+from .config import APTConfig, ScoreConfig, config_section
 
 # WinCLIP's compositional prompt ensemble (public prompt text): state words × templates, "{}" = the category.
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -148,7 +148,7 @@ class VisualMemory:
 @torch.no_grad()
 def build_memory(backbone: Backbone, shots: torch.Tensor, config: APTConfig | ScoreConfig) -> VisualMemory:
     """(K, 3, S, S) normal shots → VisualMemory for ``score(..., memory=...)`` (WinCLIP+ / PromptAD style)."""
-    cfg = _score_config(config)
+    cfg = config_section(config, ScoreConfig)
     check_pixels(shots, "shots")
     step = cfg.batch_size
     feats = ImageFeatures.cat([_encode(backbone, shots[i:i + step], cfg) for i in range(0, shots.shape[0], step)])
@@ -202,7 +202,7 @@ def score(backbone: Backbone, prompts, images: torch.Tensor, config: APTConfig |
     Image score = (1 − w)·CLS probability + w·max(map), w = ``fuse_map_max``. With memory, the patch score is
     (1 − m)·probability + m·memory distance, m = ``memory_weight``, before up-sampling.
     """
-    cfg = _score_config(config)
+    cfg = config_section(config, ScoreConfig)
     if memory is None and cfg.memory:
         raise ValueError("config.score.memory is True but no memory was given: pass "
                          "memory=apt_lab.build_memory(backbone, normal_shots, config), or set score.memory=False")
@@ -253,14 +253,6 @@ def human_prompt_features(backbone: Backbone, category: str = "object") -> torch
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _score_config(config) -> ScoreConfig:
-    if isinstance(config, APTConfig):
-        return config.score
-    if isinstance(config, ScoreConfig):
-        return config
-    raise TypeError(f"config: expected APTConfig or ScoreConfig, got {type(config).__name__}")
-
-
 def _encode(backbone: Backbone, images: torch.Tensor, cfg: ScoreConfig) -> ImageFeatures:
     """Resize, move and encode checked pixels (one batch, or all shots) with the configured locality radius."""
     x = backbone.resize(images).to(backbone.device)  # (b, 3, S, S)
