@@ -70,7 +70,7 @@ APT needs only a few **normal** images of a product (the *shots*). From them it 
 (CFG), learns a "normal" and an "anomalous" prompt for the frozen CLIP model (guided by a meta-prompt, SMGS),
 and then scores every test image and every pixel. The test labels are used only at the very end, to measure."""),
     ("code", """data = session.dataset("brick")                                              # a category: train (normal) + test (labelled)
-shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k))  # (k, 3, S, S) normal shots
+shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k)).to(backbone.device)  # (k, 3, S, S) shots
 tuned = apt_lab.tune_prompts(backbone, shots, config, progress=False)        # CFG + learnable prompts + SMGS
 test_images = data.test.images(backbone.image_size)                          # (T, 3, S, S)
 scores = apt_lab.score(backbone, tuned.prompts, test_images, config)         # image scores and anomaly maps
@@ -112,7 +112,7 @@ PERTURB = opening("01_perturb", "01 · Perturb: anomalies made from normal image
 
 APT never sees a real defect while it learns. It takes a few normal images and damages them itself."""),
     ("code", """data = session.dataset("coins")                  # an object category: the region of interest matters here
-shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=4))   # (4, 3, S, S)
+shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=4)).to(backbone.device)  # (4, 3, S, S)
 tuple(shots.shape)"""),
     ("md", """## Region of interest
 
@@ -227,7 +227,7 @@ After tuning, the learned features are compared with words and with the meta-pro
 damaged object.") that guided them. With random weights (quick mode) the similarities are arbitrary; with CLIP
 weights the anomalous prompt tends to move towards damage words."""),
     ("code", """data = session.dataset("brick")
-shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k))
+shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k)).to(backbone.device)
 start = learner.text_features().detach()
 tuned = apt_lab.tune_prompts(backbone, shots, config, progress=False)
 with torch.no_grad():
@@ -279,7 +279,7 @@ fig.update_layout(title="SMGS on two conflicting gradients", height=380, xaxis=d
 the step's record. Watch the losses, the share of parameter tensors where the gradients conflicted (where SMGS
 acted), and the drift of the self-optimising meta-prompt."""),
     ("code", """data = session.dataset("brick")
-shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k))
+shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k)).to(backbone.device)
 dashboard, callback = widgets.training_dashboard(total_steps=config.train.steps)
 dashboard"""),
     ("code", """with_smgs = apt_lab.tune_prompts(backbone, shots, config, callbacks=[callback], progress=False)
@@ -318,7 +318,7 @@ SCORE = opening("04_score", "04 · Score: anomaly maps, image scores, metrics an
                 "threshold without looking at the test set.", "ViT-B-16 / openai, about 2 minutes") + [
     ("code", """data = session.dataset("brick")
 shot_ids = apt_lab.data.few_shot(data, k=session.k)
-shots = data.train.images(backbone.image_size, shot_ids)
+shots = data.train.images(backbone.image_size, shot_ids).to(backbone.device)
 tuned = apt_lab.tune_prompts(backbone, shots, config, progress=False)
 test_images, masks, labels = data.test.images(backbone.image_size), data.test.masks(backbone.image_size), data.test.labels
 scores = apt_lab.score(backbone, tuned.prompts, test_images, config)"""),
@@ -351,7 +351,7 @@ training images that were not shots** (held out), score them clean and perturbed
 
 The test set is used only afterwards, to see how well that choice transfers."""),
     ("code", """held_out = [i for i in range(len(data.train)) if i not in shot_ids]          # normal, never used for tuning
-normal = data.train.images(backbone.image_size, held_out)
+normal = data.train.images(backbone.image_size, held_out).to(backbone.device)
 perturbed = apt_lab.perturb(normal, config, torch.Generator().manual_seed(123), backbone=backbone)
 normal_scores = apt_lab.score(backbone, tuned.prompts, normal, config)
 perturbed_scores = apt_lab.score(backbone, tuned.prompts, perturbed.images, config)
@@ -466,7 +466,7 @@ def random_lines(image, region, rng, strength):
         distance = ((x1 - x0) * (y0 - rows) - (x0 - cols) * (y1 - y0)).abs() / length   # to the line
         inside = (cols - x0) * (x1 - x0) + (rows - y0) * (y1 - y0)                       # between the ends
         mask |= (distance < 1.0) & (inside >= 0) & (inside <= length ** 2)
-    mask &= region.cpu()
+    mask = (mask & region.cpu()).to(image.device)
     value = float(torch.rand((), generator=rng) < 0.5)                                   # black or white
     out = image.clone()
     out[:, mask] = (1 - strength) * image[:, mask] + strength * value
@@ -474,7 +474,7 @@ def random_lines(image, region, rng, strength):
     ("code", """# NBVAL_CHECK_OUTPUT
 print(apt_lab.list_perturbations("pixel"))"""),
     ("code", """data = session.dataset("brick")
-shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k))
+shots = data.train.images(backbone.image_size, apt_lab.data.few_shot(data, k=session.k)).to(backbone.device)
 lines_config = config.replace(perturb__generators=("lines",), perturb__region="image", perturb__strength=(0.8, 0.8))
 out = apt_lab.perturb(shots, lines_config, torch.Generator().manual_seed(0), backbone=backbone)
 assert out.generators == ["lines"] * len(shots)

@@ -5,11 +5,13 @@ test is skipped with the reason) and the ``playwright`` Python package — never
 browser is the system one. Everything listens on 127.0.0.1 only; the Jupyter server's whole process group is
 killed at the end.
 
-Screenshots go to docs/images/ (committed, shown in the docs) and to the test's tmp folder.
-``APT_LAB_SCREENSHOTS=1`` also refreshes the screenshots of notebooks 03 and 04 (slower; not part of make test).
+Screenshots go to tests/_artifacts/ (ignored by git) on every run; ``APT_LAB_SCREENSHOTS=1`` refreshes the
+committed ones in docs/images/ instead, including notebooks 03 and 04 (slower; not part of make test).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -26,11 +28,12 @@ import pytest
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "_artifacts"  # screenshots of the last run, for a person to look at
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IMAGES = ROOT / "docs" / "images"
-RUN_ALL_TIMEOUT_S = 600
+RUN_ALL_TIMEOUT_S = 300  # quick mode: every notebook runs in well under a minute
 
 
 def ensure_chromium() -> None:
@@ -58,12 +61,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server on 127.0.0.1 over a tmp copy of notebooks/; yields (base_url, token, folder)."""
-    ensure_chromium()
-    pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
-    folder = tmp_path_factory.mktemp("lab")
+@contextlib.contextmanager
+def jupyter_lab(folder: Path, **extra_env):
+    """A JupyterLab server on 127.0.0.1 over a copy of notebooks/ in ``folder``; yields (base_url, token, folder)."""
     work = folder / "notebooks"
     shutil.copytree(ROOT / "notebooks", work, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     port, token = free_port(), secrets.token_hex(16)
@@ -71,6 +71,7 @@ def lab(tmp_path_factory):
            "JUPYTER_CONFIG_DIR": str(folder / "config"), "JUPYTER_RUNTIME_DIR": str(folder / "runtime"),
            "JUPYTERLAB_WORKSPACES_DIR": str(folder / "workspaces"), "JUPYTERLAB_SETTINGS_DIR": str(folder / "settings")}
     env.pop("APT_LAB_WIDGET_BACKEND", None)
+    env.update(extra_env)
     # No announcements/news/update checks (they would reach the network and pop up toasts).
     settings = folder / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -114,6 +115,15 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """JupyterLab with the automatic widget backend (FigureWidget here)."""
+    ensure_chromium()
+    pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
+    with jupyter_lab(tmp_path_factory.mktemp("lab")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def browser(lab):
     from playwright.sync_api import sync_playwright
 
@@ -135,14 +145,18 @@ def open_and_run_all(browser, lab, notebook: str):
     page.wait_for_function("""() => { const w = window.jupyterapp.shell.currentWidget;
         return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
                && w.sessionContext.session.kernel.connectionStatus === 'connected'; }""")
+    page.evaluate("""async () => { const w = window.jupyterapp.shell.currentWidget;
+        await w.context.ready; await w.sessionContext.ready; await w.revealed; }""")
+    page.wait_for_timeout(1000)  # let the kernel finish its start-up messages before queueing every cell
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     # Done when the kernel is idle and no code cell still shows [*] or an empty prompt.
     page.wait_for_function("""() => { const w = window.jupyterapp.shell.currentWidget;
         const status = w.sessionContext.session.kernel.status;
         const cells = w.content.widgets.filter(c => c.model.type === 'code');
-        return status === 'idle' && cells.every(c => c.model.executionCount !== null); }""",
+        const failed = cells.some(c => { const o = c.model.outputs;
+            for (let i = 0; i < o.length; i++) if (o.get(i).type === 'error') return true; return false; });
+        return status === 'idle' && (failed || cells.every(c => c.model.executionCount !== null)); }""",
                            timeout=RUN_ALL_TIMEOUT_S * 1000, polling=1000)
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .jp-RenderedText")
     tracebacks = page.evaluate("""() => { const w = window.jupyterapp.shell.currentWidget;
         return w.content.widgets.filter(c => c.model.type === 'code').flatMap(c => {
             const outs = c.model.outputs; const found = [];
@@ -150,7 +164,6 @@ def open_and_run_all(browser, lab, notebook: str):
                 if (o.type === 'error') found.push(o.toJSON().ename + ': ' + o.toJSON().evalue); }
             return found; }); }""")
     assert not tracebacks, f"{notebook}: cells raised {tracebacks}"
-    del errors
     return page
 
 
@@ -162,8 +175,8 @@ def plot_state(widget) -> str:
         const title = plot.querySelector('.gtitle'); return JSON.stringify([title ? title.textContent : '', images]); }""")
 
 
-def test_perturbation_widget_in_jupyterlab(lab, browser):
-    page = open_and_run_all(browser, lab, "01_perturb.ipynb")
+def drive_perturbation_explorer(page):
+    """Find the explorer, move its generator dropdown, check the plot changed; returns the widget locator."""
     widget = page.locator(".apt-lab-widget").first
     widget.scroll_into_view_if_needed()
     page.wait_for_function("""() => { const p = document.querySelector('.apt-lab-widget .js-plotly-plot');
@@ -178,19 +191,34 @@ def test_perturbation_widget_in_jupyterlab(lab, browser):
     page.wait_for_timeout(500)
     after = plot_state(widget)
     assert after != before
-    import json
-
     images_before, images_after = json.loads(before)[1], json.loads(after)[1]
     assert images_before[0] == images_after[0]  # the normal image stays
     assert images_before[1] != images_after[1]  # the perturbed image changed
     assert "salt_pepper" in widget.locator(".widget-html").first.inner_text()
+    return widget
 
-    IMAGES.mkdir(parents=True, exist_ok=True)
+
+def test_perturbation_widget_in_jupyterlab(lab, browser):
+    page = open_and_run_all(browser, lab, "01_perturb.ipynb")
+    widget = drive_perturbation_explorer(page)
+    assert widget.locator(".js-plotly-plot").count() == 1
     shot = lab[2] / "01_perturb_widget.png"
     widget.screenshot(path=str(shot))
-    shutil.copy(shot, IMAGES / "01_perturb_widget.png")
+    target = IMAGES if os.environ.get("APT_LAB_SCREENSHOTS") == "1" else ARTIFACTS
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, target / "01_perturb_widget.png")
     assert shot.stat().st_size > 10_000
     page.close()
+
+
+def test_perturbation_widget_output_backend(tmp_path_factory, browser):
+    """The Colab fallback: core controls re-render the figure into an ipywidgets.Output."""
+    with jupyter_lab(tmp_path_factory.mktemp("lab_output"), APT_LAB_WIDGET_BACKEND="output") as server:
+        page = open_and_run_all(browser, server, "01_perturb.ipynb")
+        widget = drive_perturbation_explorer(page)
+        assert widget.locator(".widget-output").count() == 1
+        widget.screenshot(path=str(server[2] / "01_perturb_widget_output.png"))
+        page.close()
 
 
 @pytest.mark.skipif(os.environ.get("APT_LAB_SCREENSHOTS") != "1", reason="set APT_LAB_SCREENSHOTS=1 to refresh")

@@ -123,12 +123,14 @@ def scored_set():
 def test_map_viewer_controls(scored_set, backend):
     images, maps, masks = scored_set
     viewer = widgets.map_viewer(images, maps, masks, image_scores=torch.tensor([0.1, 0.9, 0.3]),
-                                labels=torch.tensor([0, 1, 0]), threshold=0.5, backend=backend)
+                                labels=torch.tensor([0, 1, 0]), titles=["a", "b", "c"], threshold=0.5,
+                                backend=backend)
     assert set(viewer.controls) == {"image", "threshold", "colour_range", "opacity"}
     heat = lambda: next(t for t in viewer.figure.data if t.type == "heatmap")  # noqa: E731
 
     viewer.controls["image"].value = 1
     assert "anomalous" in viewer.figure.layout.title.text and "0.900" in viewer.figure.layout.title.text
+    assert viewer.controls["image"].options[1][0] == "#1 b · anomalous · score 0.900"
     assert "IoU with the ground truth 1.00" in viewer.info.value  # the square, thresholded at 0.5, is the mask
     assert [t.name for t in viewer.figure.data].count("map ≥ threshold") == 1
 

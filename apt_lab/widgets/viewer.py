@@ -33,7 +33,8 @@ class MapViewer(PlotWidget):
         low, high = self.global_range
         step = (high - low) / 200
         start = float(np.clip(threshold if threshold is not None else np.quantile(self.maps, 0.99), low, high))
-        options = [(self._label(i, titles), i) for i in range(count)]
+        self.titles = list(titles) if titles is not None else None
+        options = [(self._label(i), i) for i in range(count)]
         controls = {
             "image": widgets.Dropdown(options=options, value=0, description="image"),
             "threshold": widgets.FloatSlider(value=start, min=low, max=high, step=step, readout_format=".3f",
@@ -46,8 +47,8 @@ class MapViewer(PlotWidget):
         super().__init__(controls, backend, columns=2)
         self.render()
 
-    def _label(self, index: int, titles) -> str:
-        parts = [titles[index] if titles is not None else f"#{index}"]
+    def _label(self, index: int) -> str:
+        parts = [f"#{index}" + (f" {self.titles[index]}" if self.titles is not None else "")]
         if self.labels is not None:
             parts.append("anomalous" if self.labels[index] else "normal")
         if self.image_scores is not None:
@@ -61,7 +62,7 @@ class MapViewer(PlotWidget):
         zmin, zmax = self.global_range if c["colour_range"] == "global" else plots.map_range([anomaly_map])
         mask = self.masks[index] if self.masks is not None else None
         predicted = anomaly_map >= threshold
-        info = [f"<b>{self._label(index, None)}</b>", f"map ≥ threshold on {predicted.mean():.1%} of pixels"]
+        info = [f"<b>{self._label(index)}</b>", f"map ≥ threshold on {predicted.mean():.1%} of pixels"]
         if mask is not None and (mask.any() or predicted.any()):
             iou = (mask & predicted).sum() / max(1, (mask | predicted).sum())
             info.append(f"IoU with the ground truth {iou:.2f}")
@@ -69,7 +70,7 @@ class MapViewer(PlotWidget):
         self.info.value = "; ".join(info)
         return plots.anomaly_map_figure(self.images[index], anomaly_map, mask=mask, zmin=zmin, zmax=zmax,
                                         opacity=float(c["opacity"]), threshold=threshold,
-                                        title=self._label(index, None))
+                                        title=self._label(index))
 
 
 def map_viewer(images, anomaly_maps, masks=None, image_scores=None, labels=None, titles=None,
