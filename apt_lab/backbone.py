@@ -332,7 +332,7 @@ def _resolve_checkpoint(name: str, pretrained: str, cache_dir: str | None) -> tu
 
 def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device: str | torch.device | None = None,
                   image_size: int | None = None, layers: Sequence[int] | None = None,
-                  precision: str = "fp32", cache_dir: str | None = None) -> Backbone:
+                  precision: str = "fp32", cache_dir: str | None = None, init_seed: int = 0) -> Backbone:
     """Build a frozen backbone from an open_clip name and pretrained tag (or checkpoint file, or None).
 
     Args:
@@ -343,6 +343,8 @@ def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device:
             resized when weights load, as open_clip does.
         layers: 1-based vision blocks to tap; None = four evenly spaced blocks (ViT-L: 6, 12, 18, 24).
         precision: "fp32" (default, and always on CPU), "fp16" or "bf16" on a GPU.
+        init_seed: seeds the random initialisation (what ``pretrained=None`` keeps), so random weights are the
+            same in every process; the global torch RNG is left as it was.
 
     Raises:
         UnknownBackboneError: the name or tag is unknown (the message lists what exists).
@@ -367,7 +369,9 @@ def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device:
     if source is None:  # open_clip logs a root-level warning for random weights; apt_lab reports it itself
         root_logger.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(name, pretrained=source, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = open_clip.create_model(name, pretrained=source, **kwargs)
     except RuntimeError as error:
         if pretrained is not None and checkpoint is None:
             raise WeightsUnavailableError(_offline_message(name, pretrained, "the model hub") +
@@ -385,3 +389,32 @@ def _offline_message(name: str, tag: str, where: str) -> str:
             f"(`open_clip.create_model({name!r}, pretrained={tag!r})` fills ~/.cache/huggingface), pass the "
             f"checkpoint file as pretrained='/path/to/{name}.bin', or use pretrained=None for random weights "
             "(same speed, no accuracy).")
+
+
+def load_backbone_or_random(config, device: str | torch.device | None = None) -> Backbone:
+    """The backbone of ``config.backbone``; when its weights cannot be had, the same architecture with random
+    weights, announced loudly on stderr and as a warning (``backbone.pretrained_loaded`` is then False).
+
+    What ``apt-lab demo`` and the notebooks use, so that an offline machine still runs everything end to end.
+
+    Args:
+        config: an ``APTConfig`` or its ``BackboneConfig``.
+        device: overrides ``config.backbone.device``.
+    """
+    import sys
+    import warnings
+
+    from .config import BackboneConfig, config_section
+
+    b = config_section(config, BackboneConfig)
+    kwargs = dict(device=device or b.device, image_size=b.image_size, layers=b.layers, precision=b.precision,
+                  init_seed=b.init_seed)
+    try:
+        return load_backbone(b.name, b.pretrained, **kwargs)
+    except WeightsUnavailableError as error:
+        banner = "!" * 100
+        print(f"\n{banner}\n!! PRETRAINED WEIGHTS UNAVAILABLE — running {b.name} with RANDOM WEIGHTS.\n!! {error}\n"
+              "!! Scores below measure the pipeline, not APT's accuracy; results record \"pretrained\": false.\n"
+              f"{banner}\n", file=sys.stderr, flush=True)
+        warnings.warn(f"{b.name}: pretrained weights {b.pretrained!r} unavailable, using random weights", stacklevel=2)
+        return load_backbone(b.name, None, **kwargs)

@@ -26,26 +26,11 @@ from .config import APTConfig, list_presets
 METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
 
-def _load_backbone_or_random(config: APTConfig):
-    """The preset's backbone; when its weights cannot be had, the same architecture with random weights."""
-    from .backbone import load_backbone
-    from .errors import WeightsUnavailableError
-
-    b = config.backbone
-    try:
-        return load_backbone(b.name, b.pretrained, b.device, b.image_size, b.layers, b.precision)
-    except WeightsUnavailableError as error:
-        banner = "!" * 100
-        print(f"\n{banner}\n!! PRETRAINED WEIGHTS UNAVAILABLE — running {b.name} with RANDOM weights.\n!! {error}\n"
-              f"!! Scores below measure the pipeline, not APT's accuracy. results.json records "
-              f'"pretrained": false.\n{banner}\n', file=sys.stderr, flush=True)
-        return load_backbone(b.name, None, b.device, b.image_size, b.layers, b.precision)
-
-
 def run_experiment(dataset_name: str, config: APTConfig, categories: list[str] | None = None, root: str | None = None,
                    k: int = 4, seed: int = 0, out: str | Path = "runs", name: str | None = None,
                    method: str = "apt", overwrite: bool = False, progress: bool = True) -> Path:
     """Run ``method`` on every category, saving results after each one; returns the run folder."""
+    from .backbone import load_backbone_or_random
     from .checkpoint import save_prompts
     from .data import list_categories, load_dataset
     from .pipeline import mean_metrics, run_category
@@ -56,7 +41,10 @@ def run_experiment(dataset_name: str, config: APTConfig, categories: list[str] |
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     results_path = folder / "results.json"
-    backbone = _load_backbone_or_random(config)
+    backbone = load_backbone_or_random(config)
+    n_patches = backbone.grid[0] * backbone.grid[1]
+    print(f"{backbone}\nfeatures per image: cls ({backbone.embed_dim},), patches ({len(backbone.layers)}, "
+          f"{n_patches}, {backbone.embed_dim}) from blocks {list(backbone.layers)}", flush=True)
     results = {
         "name": name, "dataset": dataset_name, "method": method, "k": k, "seed": seed,
         "backbone": {"name": backbone.name, "tag": config.backbone.pretrained, "pretrained": backbone.pretrained_loaded,

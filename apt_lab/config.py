@@ -28,6 +28,7 @@ class BackboneConfig:
     layers: tuple[int, ...] | None = None  # 1-based vision blocks to tap; None = 4 evenly spaced (ViT-B: 3,6,9,12)
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None = CUDA when available, else CPU
     precision: str = "fp32"  # "fp32", or "fp16"/"bf16" on a GPU (CPU always runs fp32)
+    init_seed: int = 0  # seeds the random initialisation, so random weights (pretrained None) match across runs
 
 
 @dataclass

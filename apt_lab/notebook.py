@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,6 @@ import numpy as np
 import torch
 
 from .config import APTConfig
-from .errors import WeightsUnavailableError
 
 # Quick mode: small enough that every notebook runs in well under a minute on 2 CPU cores.
 QUICK_OVERRIDES = {"train__steps": 40, "train__pool_size": 16, "train__batch_size": 8}
@@ -96,21 +93,9 @@ class Session:
         architecture with random weights (``backbone.pretrained_loaded`` is then False).
         """
         if self._backbone is None:
-            from .backbone import load_backbone
+            from .backbone import load_backbone_or_random
 
-            cfg = self.config.backbone
-            kwargs = dict(device=self.device, image_size=cfg.image_size, layers=cfg.layers)
-            if cfg.precision != "fp32" and self.device.type == "cuda":
-                kwargs["precision"] = cfg.precision
-            try:
-                self._backbone = load_backbone(cfg.name, pretrained=cfg.pretrained, **kwargs)
-            except WeightsUnavailableError as error:
-                message = (f"\n{'!' * 80}\n!! {cfg.name} / {cfg.pretrained}: weights unavailable — continuing with "
-                           f"RANDOM WEIGHTS.\n!! Scores below say nothing about APT's accuracy.\n!! {error}\n{'!' * 80}")
-                print(message, file=sys.stderr)
-                warnings.warn(f"{cfg.name}: pretrained weights unavailable, using random weights", stacklevel=2)
-                torch.manual_seed(self.seed)
-                self._backbone = load_backbone(cfg.name, pretrained=None, **kwargs)
+            self._backbone = load_backbone_or_random(self.config, device=self.device)
         return self._backbone
 
     def categories(self) -> list[str]:

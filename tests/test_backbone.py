@@ -184,3 +184,21 @@ def test_offline_weights_error_is_fast_and_says_what_to_do():
     assert "ERR" in out.stdout, out.stderr
     assert "'ViT-B-16'" in out.stdout and "'openai'" in out.stdout and "pretrained=None" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_random_weights_are_the_same_in_every_process_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = apt_lab.load_backbone("apt-tiny", device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    torch.manual_seed(999)
+    b = apt_lab.load_backbone("apt-tiny", device="cpu")
+    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), name
+    c = apt_lab.load_backbone("apt-tiny", device="cpu", init_seed=1)
+    assert not torch.equal(a.model.visual.proj, c.model.visual.proj)
+    code = ("import apt_lab, torch\nb = apt_lab.load_backbone('apt-tiny', device='cpu')\n"
+            "print(repr(float(b.model.visual.proj.double().sum())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONHASHSEED="7"))
+    assert float(out.stdout.strip()) == float(a.model.visual.proj.double().sum()), out.stderr

@@ -50,7 +50,7 @@ def test_demo_without_weights_falls_back_to_random_weights_loudly(tmp_path, caps
     assert main(["demo", "--config", str(path), "--categories", "grass", "--out", str(tmp_path), "--name", "b16",
                  "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "RANDOM weights" in captured.err and "'openai'" in captured.err
+    assert "RANDOM WEIGHTS" in captured.err and "'openai'" in captured.err
     results = json.loads((tmp_path / "b16" / "results.json").read_text())
     assert results["pretrained"] is False and results["backbone"]["name"] == "ViT-B-16"
     assert results["backbone"]["tag"] == "openai"
