@@ -218,12 +218,13 @@ def foreground_from_similarity(similarity: torch.Tensor, dilation: int = 1, text
 
 @torch.no_grad()
 def region_of_interest(backbone: Backbone, images: torch.Tensor, config: APTConfig | PerturbConfig,
-                       batch_size: int = 32) -> torch.Tensor:
+                       batch_size: int = 32, features: ImageFeatures | None = None) -> torch.Tensor:
     """(B, 3, S, S) pixels → (B, S, S) bool: where synthetic anomalies may go.
 
     ``config.perturb.region == "image"`` → everywhere. Otherwise ``roi_method`` "text" (the only method so far):
     last tapped layer's patch tokens, cos to "a photo of an object." minus cos to "a photo of the background.",
     then :func:`foreground_from_similarity` (Otsu, dilation, texture fallback), up-sampled nearest to pixels.
+    ``features``: the images' features from ``backbone.encode_images`` when already computed (no second pass).
     """
     cfg = config_section(config, PerturbConfig)
     check_pixels(images, "images", size=backbone.image_size)
@@ -235,9 +236,13 @@ def region_of_interest(backbone: Backbone, images: torch.Tensor, config: APTConf
     if cfg.roi_method != "text":
         raise ValueError(f"config.perturb.roi_method {cfg.roi_method!r} is not implemented; use 'text'")
     texts = backbone.encode_texts(ROI_PROMPTS)  # (2, D)
+    if features is not None and features.cls.shape[0] != images.shape[0]:
+        raise ValueError(f"features are for {features.cls.shape[0]} images, images has {images.shape[0]}")
     scores = []
     for start in range(0, images.shape[0], batch_size):
-        patches = backbone.encode_images(images[start:start + batch_size]).patches[-1]  # (b, N, D)
+        chunk = features[start:start + batch_size] if features is not None else \
+            backbone.encode_images(images[start:start + batch_size])
+        patches = chunk.patches[-1]  # (b, N, D)
         sim = patches @ texts.T  # (b, N, 2)
         scores.append((sim[..., 0] - sim[..., 1]).reshape(-1, *backbone.grid).cpu())  # (b, h, w)
     grid_roi = foreground_from_similarity(torch.cat(scores), cfg.roi_dilation, cfg.roi_texture_fraction)

@@ -327,7 +327,9 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     elif config.perturb.region == "image":
         rois = [None] * len(groups)
     else:
-        rois = [region_of_interest(backbone, g, config) for g in groups]
+        reuse = config.score.locality_radius == 0  # the cached clean features are plain encoder outputs then
+        rois = [region_of_interest(backbone, g, config, features=f if reuse else None)
+                for g, f in zip(groups, clean_features)]
     timings["roi_s"] = time.perf_counter() - t0
 
     n_anomalous = int(round(train.batch_size * train.anomaly_fraction))

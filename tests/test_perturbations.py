@@ -254,3 +254,20 @@ def test_generator_returning_an_empty_mask_is_an_error(images):
             perturb(images, cfg_with(generators=("test_nothing",), region="image"), rng(), patch_size=16)
     finally:
         unregister_perturbation("test_nothing")
+
+
+def test_region_of_interest_reuses_given_features_without_a_second_encoder_pass(monkeypatch):
+    import apt_lab
+    from apt_lab.config import APTConfig
+    from apt_lab.perturbations import region_of_interest
+
+    backbone = apt_lab.load_backbone("apt-tiny", device="cpu")
+    images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    config = APTConfig.preset("quick")
+    expected = region_of_interest(backbone, images, config)
+    features = backbone.encode_images(images)
+    calls = []
+    original = backbone.encode_images
+    monkeypatch.setattr(backbone, "encode_images", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert torch.equal(region_of_interest(backbone, images, config, features=features), expected)
+    assert calls == []
