@@ -28,8 +28,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import functional as TF
 
+from .data.images import pil_to_tensor, read_image, resize_images
 from .errors import UnknownBackboneError, WeightsUnavailableError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -140,23 +140,14 @@ class Backbone:
         The whole image is resized to the square input (bicubic, antialiased); nothing is cropped, so image
         borders (where defects sit) survive and masks resized the same way stay aligned.
         """
-        if not isinstance(image, Image.Image):
-            path = Path(image)
-            try:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
-            except (OSError, SyntaxError) as error:
-                raise ValueError(f"cannot read image {path}: {error}. Replace or re-download the file.") from None
-        x = TF.pil_to_tensor(image.convert("RGB")).float().div(255)  # (3, H, W)
+        x = pil_to_tensor(image) if isinstance(image, Image.Image) else read_image(Path(image))  # (3, H, W)
         return self.resize(x[None])[0]
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels → (B, 3, S, S), bicubic with antialiasing, clamped to [0, 1]."""
         if tuple(x.shape[-2:]) == (self.image_size, self.image_size):
             return x
-        out = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bicubic",
-                            antialias=True, align_corners=False)
-        return out.clamp_(0, 1)
+        return resize_images(x, self.image_size)
 
     def load_images(self, images) -> torch.Tensor:
         """Paths, PIL images, a (3, H, W) / (B, 3, H, W) tensor or a list of such → (B, 3, S, S) on the device."""

@@ -22,8 +22,8 @@ import torch
 
 from . import __version__
 from .config import APTConfig, list_presets
+from .metrics import METRIC_KEYS
 
-METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
 
 def run_experiment(dataset_name: str, config: APTConfig, categories: list[str] | None = None, root: str | None = None,
@@ -99,11 +99,11 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 def _write_csv(path: Path, results: dict) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["category", *METRIC_COLUMNS, "tune_s", "score_s"])
+        writer.writerow(["category", *METRIC_KEYS, "tune_s", "score_s"])
         rows = list(results["categories"].items()) + [("mean", {"metrics": results.get("mean", {})})]
         for category, entry in rows:
             m, t = entry["metrics"], entry.get("timings", {})
-            writer.writerow([category, *[_fmt(m.get(c)) for c in METRIC_COLUMNS], t.get("tune_s", ""),
+            writer.writerow([category, *[_fmt(m.get(c)) for c in METRIC_KEYS], t.get("tune_s", ""),
                              t.get("score_s", "")])
 
 
@@ -115,12 +115,12 @@ def print_summary(results: dict) -> None:
     weights = "pretrained" if results["pretrained"] else "RANDOM WEIGHTS"
     print(f"\n{results['name']}: {results['backbone']['name']} ({weights}), k={results['k']}, "
           f"evaluated at {results['eval_resolution']} px")
-    header = f"{'category':<12}" + "".join(f"{c:>12}" for c in METRIC_COLUMNS)
+    header = f"{'category':<12}" + "".join(f"{c:>12}" for c in METRIC_KEYS)
     print(header)
     print("-" * len(header))
     rows = list(results["categories"].items()) + [("mean", {"metrics": results.get("mean", {})})]
     for category, entry in rows:
-        print(f"{category:<12}" + "".join(f"{_fmt(entry['metrics'].get(c)) or '-':>12}" for c in METRIC_COLUMNS))
+        print(f"{category:<12}" + "".join(f"{_fmt(entry['metrics'].get(c)) or '-':>12}" for c in METRIC_KEYS))
 
 
 def main(argv: list[str] | None = None) -> int:

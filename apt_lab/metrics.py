@@ -30,6 +30,9 @@ def _as_numpy(x, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
+# Every metric ``evaluate`` returns, in report order (CLI table, CSV, HTML report).
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+
 def _scores(x, name: str) -> np.ndarray:
     x = _as_numpy(x, name)
     if x.dtype == bool or not np.issubdtype(x.dtype, np.number):

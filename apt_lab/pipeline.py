@@ -27,7 +27,8 @@ class CategoryResult:
 
     Attributes:
         metrics: image/pixel AUROC, AP, F1-max and AUPRO (see ``apt_lab.metrics.evaluate``).
-        image_scores: (T,) one score per test image; anomaly_maps: (T, S, S); labels: (T,); masks: (T, S, S).
+        image_scores: (T,) one score per test image; anomaly_maps: (T, S, S); labels: (T,);
+            masks: (T, S, S), or None for a folder dataset without masks.
         shots: indices of the training images used as the k normal shots.
         timings: seconds spent tuning, scoring and evaluating.
     """
@@ -38,7 +39,7 @@ class CategoryResult:
     image_scores: torch.Tensor
     anomaly_maps: torch.Tensor
     labels: torch.Tensor
-    masks: torch.Tensor
+    masks: torch.Tensor | None
     defects: list[str]
     paths: list[str]
     shots: list[int]
@@ -94,11 +95,10 @@ def run_category(backbone: Backbone, dataset: Dataset, config: APTConfig, k: int
         maps.append(out.anomaly_maps)
     timings["score_s"] = time.perf_counter() - start
     image_scores, anomaly_maps = torch.cat(scores), torch.cat(maps)  # (T,), (T, S, S)
-    labels, masks = test.labels, test.masks(size)  # (T,), (T, S, S) nearest-neighbour
+    labels, masks = test.labels, test.masks(size)  # (T,), (T, S, S) nearest-neighbour; None without masks
 
     start = time.perf_counter()
-    has_masks = bool(getattr(test, "has_masks", True))
-    result_metrics = metrics_lib.evaluate(image_scores, anomaly_maps, labels, masks if has_masks else None)
+    result_metrics = metrics_lib.evaluate(image_scores, anomaly_maps, labels, masks)
     timings["evaluate_s"] = time.perf_counter() - start
     return CategoryResult(dataset.category, method, result_metrics, image_scores, anomaly_maps, labels, masks,
                           list(test.defects), [str(p) for p in test.paths], list(shots_idx), timings, tuned)

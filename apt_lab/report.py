@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from .metrics import METRIC_KEYS
 from .plots import anomaly_map_grid
 
-METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
 
 def select_examples(labels: torch.Tensor, image_scores: torch.Tensor, per_kind: int = 4) -> list[int]:
@@ -52,7 +52,8 @@ def write_report(path: str | Path, results: dict, category_results: dict, test_i
         indices, images = test_images[category]
         zmin, zmax = float(result.anomaly_maps.min()), float(result.anomaly_maps.max())  # whole test set
         titles = [f"{result.defects[i]} · score {float(result.image_scores[i]):.3f}" for i in indices]
-        figure = anomaly_map_grid(images, result.anomaly_maps[indices], result.masks[indices], zmin=zmin, zmax=zmax,
+        masks = None if result.masks is None else result.masks[indices]
+        figure = anomaly_map_grid(images, result.anomaly_maps[indices], masks, zmin=zmin, zmax=zmax,
                                   titles=titles, cols=4)
         parts.append(f"<p>Colour range for the whole test set: [{zmin:.3f}, {zmax:.3f}]. White outline: ground "
                      "truth.</p>")
@@ -80,11 +81,11 @@ def _header(results: dict) -> str:
 
 
 def _metrics_table(results: dict) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ("category", *METRIC_COLUMNS))
+    head = "".join(f"<th>{c}</th>" for c in ("category", *METRIC_KEYS))
     rows = list(results["categories"].items()) + [("mean", {"metrics": results.get("mean", {})})]
     body = []
     for category, entry in rows:
         cells = "".join(f"<td>{'' if entry['metrics'].get(c) is None else format(entry['metrics'][c], '.4f')}</td>"
-                        for c in METRIC_COLUMNS)
+                        for c in METRIC_KEYS)
         body.append(f"<tr><td>{html.escape(category)}</td>{cells}</tr>")
     return f"<h2>Metrics</h2><table><tr>{head}</tr>{''.join(body)}</table>"
