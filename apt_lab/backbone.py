@@ -15,14 +15,12 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
-import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -31,15 +29,11 @@ from PIL import Image
 
 from .data.images import pil_to_tensor, read_image, resize_images
 from .errors import UnknownBackboneError, WeightsUnavailableError
-
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(_CONFIG_DIR)  # registers "apt-tiny" next to open_clip's own architectures
+from .weights import create_model, resolve_weights
 
 # CLIP's mean/std; every open_clip tag apt_lab presets use shares them.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-log = logging.getLogger(__name__)
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -109,8 +103,9 @@ class Backbone:
                 "'ViT-L-14-336', 'ViT-B-16-plus-240' or 'apt-tiny'.")
         self.model = model.eval().requires_grad_(False)
         self.name, self.pretrained, self.pretrained_loaded = name, pretrained, pretrained_loaded
+        self.fallback_reason: str | None = None  # set when load_backbone_from_config fell back to random weights
         self.device = device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.visual.conv1.weight.dtype  # the image tower's; open_clip keeps some parameters fp32
         visual = model.visual
         depth = len(visual.transformer.resblocks)
         self.layers = tuple(layers) if layers is not None else default_layers(depth)
@@ -161,11 +156,6 @@ class Backbone:
         """(B, 3, S, S) pixels in [0, 1] → the model's normalised input."""
         return ((x.to(self.device, self.dtype) - self.mean) / self.std).to(self.dtype)
 
-    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels → (B, 1 + N, W) tokens entering the first vision block."""
-        check_pixels(x, "images", size=self.image_size)
-        return self.model.visual._embeds(self.normalize(x))
-
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, locality_radius: int = 0, locality_blocks: int = 1) -> ImageFeatures:
         """One encoder pass: the pooled embedding and the tapped blocks' patch tokens, in the joint space.
@@ -175,20 +165,39 @@ class Backbone:
             locality_radius: r > 0 turns on locality-aware attention in the last ``locality_blocks`` blocks:
                 each patch attends only to its (2r+1)² neighbourhood and the CLS token (no new weights).
         """
+        check_pixels(x, "images", size=self.image_size)
         visual = self.model.visual
-        tokens = self.embed_patches(x)  # (B, 1+N, W)
-        blocks = visual.transformer.resblocks
-        local_mask = self.locality_mask(locality_radius) if locality_radius > 0 else None
-        taps = []
-        for index, block in enumerate(blocks, start=1):
-            mask = local_mask if local_mask is not None and index > len(blocks) - locality_blocks else None
-            tokens = block(tokens, attn_mask=mask)  # (B, 1+N, W)
-            if index in self.layers:
-                taps.append(tokens[:, 1:])  # (B, N, W)
-        pooled, _ = visual._pool(tokens)  # (B, W): ln_post then the CLS token
-        cls = pooled @ visual.proj  # (B, D)
-        patches = visual.ln_post(torch.stack(taps)) @ visual.proj  # (L, B, N, D)
+        hooks = []
+        if locality_radius > 0:
+            mask = self.locality_mask(locality_radius)  # (1+N, 1+N)
+
+            def local_attention(module, args, kwargs):
+                return args, {**kwargs, "attn_mask": mask}
+
+            hooks = [block.register_forward_pre_hook(local_attention, with_kwargs=True)
+                     for block in visual.transformer.resblocks[-locality_blocks:]]
+        try:
+            out = visual.forward_intermediates(self.normalize(x), indices=[layer - 1 for layer in self.layers],
+                                               normalize_intermediates=True, output_fmt="NLC")
+        finally:
+            for hook in hooks:
+                hook.remove()
+        patches = torch.stack(out["image_intermediates"]) @ visual.proj  # (L, B, N, D): ln_post, then proj
+        cls = out["image_features"]  # (B, D): ln_post on the CLS token, then proj
         return ImageFeatures(F.normalize(cls.float(), dim=-1), F.normalize(patches.float(), dim=-1), self.grid)
+
+    def encode_batched(self, images: torch.Tensor, batch_size: int = 16, locality_radius: int = 0) -> ImageFeatures:
+        """The one chunked encoder: (B, 3, H, W) pixels → features, ``batch_size`` images per pass.
+
+        Images of another size are resized first (bicubic); each chunk moves to the device just before its pass,
+        so a large CPU tensor of pixels never lands on the GPU at once.
+        """
+        size = max(1, int(batch_size))
+        chunks = [self.encode_images(self.resize(images[i:i + size]).to(self.device), locality_radius=locality_radius)
+                  for i in range(0, images.shape[0], size)]
+        if not chunks:
+            raise ValueError("images: empty batch (0 images); pass at least one (B, 3, H, W) image")
+        return ImageFeatures.cat(chunks)
 
     def locality_mask(self, radius: int) -> torch.Tensor:
         """(1+N, 1+N) additive mask: patches see their (2r+1)² neighbours and CLS; CLS sees everything."""
@@ -282,45 +291,6 @@ def check_pixels(x: torch.Tensor, name: str, size: int | None = None) -> None:
                          "normalises inside the backbone, pass un-normalised pixels")
 
 
-def _host_reachable(url: str, timeout: float = 3.0) -> bool:
-    host = urlparse(url).hostname
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _resolve_checkpoint(name: str, pretrained: str, cache_dir: str | None) -> tuple[str | None, dict]:
-    """A pretrained tag or file → (cached or local file or None to download, the tag's config)."""
-    if Path(pretrained).expanduser().is_file():
-        return str(Path(pretrained).expanduser()), {}
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    if not tag_cfg:
-        looks_like_path = any(s in pretrained for s in ("/", "\\", ".pt", ".bin", ".safetensors"))
-        if looks_like_path:
-            raise FileNotFoundError(f"pretrained={pretrained!r}: no such checkpoint file. Give the path of a "
-                                    f"{name} checkpoint, a tag from open_clip.list_pretrained_tags_by_model("
-                                    f"{name!r}), or pretrained=None for random weights.")
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise UnknownBackboneError(f"{name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
-                                   "Or pass a checkpoint file, or pretrained=None for random weights.")
-    hub = tag_cfg.get("hf_hub", "")
-    if hub:
-        import huggingface_hub
-
-        repo, filename = os.path.split(hub)
-        for candidate in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
-            cached = huggingface_hub.try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
-            if isinstance(cached, str):
-                return cached, tag_cfg
-    return None, tag_cfg
-
-
 def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device: str | torch.device | None = None,
                   image_size: int | None = None, layers: Sequence[int] | None = None,
                   precision: str = "fp32", cache_dir: str | None = None, init_seed: int = 0) -> Backbone:
@@ -348,53 +318,22 @@ def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device:
     device = pick_device(device)
     if device.type == "cpu":
         precision = "fp32"
-    checkpoint, tag_cfg = (None, {}) if pretrained is None else _resolve_checkpoint(name, pretrained, cache_dir)
-    source = checkpoint or pretrained
-    if pretrained is not None and checkpoint is None:  # a tag that must be downloaded first
-        url = "https://huggingface.co" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "https://huggingface.co")
-        if _offline() or not _host_reachable(url):
-            raise WeightsUnavailableError(_offline_message(name, pretrained, url))
-    kwargs = dict(precision=precision, device=device, force_image_size=image_size, cache_dir=cache_dir,
-                  force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
-    root_logger, level = logging.getLogger(), logging.getLogger().level
-    if source is None:  # open_clip logs a root-level warning for random weights; apt_lab reports it itself
-        root_logger.setLevel(logging.ERROR)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = open_clip.create_model(name, pretrained=source, **kwargs)
-    except RuntimeError as error:
-        if pretrained is not None and checkpoint is None:
-            raise WeightsUnavailableError(_offline_message(name, pretrained, "the model hub") +
-                                          f" (download failed: {str(error)[:200]})") from None
-        raise
-    finally:
-        root_logger.setLevel(level)
-    mean, std = tag_cfg.get("mean", OPENAI_MEAN), tag_cfg.get("std", OPENAI_STD)
+    source = resolve_weights(name, pretrained, cache_dir)
+    model = create_model(name, pretrained, source, init_seed, precision=precision, device=device,
+                         force_image_size=image_size, cache_dir=cache_dir)
+    mean, std = source.tag_config.get("mean", OPENAI_MEAN), source.tag_config.get("std", OPENAI_STD)
     return Backbone(model, name, pretrained, pretrained is not None, layers, device, mean, std)
 
 
-def _offline_message(name: str, tag: str, where: str) -> str:
-    return (f"cannot get the {tag!r} weights of {name!r}: they are not in the local cache and {where} cannot be "
-            "reached (offline, or HF_HUB_OFFLINE=1). Either download them once on a machine with internet "
-            f"(`open_clip.create_model({name!r}, pretrained={tag!r})` fills ~/.cache/huggingface), pass the "
-            f"checkpoint file as pretrained='/path/to/{name}.bin', or use pretrained=None for random weights "
-            "(same speed, no accuracy).")
+def load_backbone_from_config(config, device: str | torch.device | None = None,
+                              fallback_to_random: bool = False) -> Backbone:
+    """The backbone of ``config.backbone`` (an ``APTConfig`` or its ``BackboneConfig``); ``device`` overrides it.
 
-
-def load_backbone_or_random(config, device: str | torch.device | None = None) -> Backbone:
-    """The backbone of ``config.backbone``; when its weights cannot be had, the same architecture with random
-    weights, announced loudly on stderr and as a warning (``backbone.pretrained_loaded`` is then False).
-
-    What ``apt-lab demo`` and the notebooks use, so that an offline machine still runs everything end to end.
-
-    Args:
-        config: an ``APTConfig`` or its ``BackboneConfig``.
-        device: overrides ``config.backbone.device``.
+    With ``fallback_to_random``, weights that cannot be had (offline) give the same architecture with random
+    weights and a warning; ``backbone.pretrained_loaded`` is then False and ``backbone.fallback_reason`` says
+    why, so the faces (command line, notebooks, report) can announce it loudly. What ``apt-lab demo`` and the
+    notebooks use, so that an offline machine still runs everything end to end.
     """
-    import sys
-    import warnings
-
     from .config import BackboneConfig, config_section
 
     b = config_section(config, BackboneConfig)
@@ -403,9 +342,10 @@ def load_backbone_or_random(config, device: str | torch.device | None = None) ->
     try:
         return load_backbone(b.name, b.pretrained, **kwargs)
     except WeightsUnavailableError as error:
-        banner = "!" * 100
-        print(f"\n{banner}\n!! PRETRAINED WEIGHTS UNAVAILABLE — running {b.name} with RANDOM WEIGHTS.\n!! {error}\n"
-              "!! Scores below measure the pipeline, not APT's accuracy; results record \"pretrained\": false.\n"
-              f"{banner}\n", file=sys.stderr, flush=True)
-        warnings.warn(f"{b.name}: pretrained weights {b.pretrained!r} unavailable, using random weights", stacklevel=2)
-        return load_backbone(b.name, None, **kwargs)
+        if not fallback_to_random:
+            raise
+        warnings.warn(f"{b.name}: pretrained weights {b.pretrained!r} unavailable, using random weights",
+                      stacklevel=2)
+        backbone = load_backbone(b.name, None, **kwargs)
+        backbone.fallback_reason = f"{b.pretrained!r} weights unavailable: {error}"
+        return backbone

@@ -7,8 +7,15 @@ file cannot run code. Prompts are tied to the text tower they were tuned on: loa
 backbone is refused with a message that names both.
 
 Example:
-    >>> save_prompts(result, "runs/demo/prompts/brick")          # doctest: +SKIP
-    >>> learner = load_prompts("runs/demo/prompts/brick", backbone)   # doctest: +SKIP
+    >>> import tempfile, apt_lab
+    >>> backbone = apt_lab.load_backbone("apt-tiny")
+    >>> learner = PromptLearner(backbone, PromptConfig(), seed=1)
+    >>> folder = tempfile.mkdtemp()
+    >>> save_prompts(learner, f"{folder}/brick").name
+    'brick.safetensors'
+    >>> again = load_prompts(f"{folder}/brick", backbone)
+    >>> bool(torch.equal(again.text_features(), learner.text_features()))
+    True
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._version import __version__
 from .config import APTConfig, PromptConfig, SMGSConfig, section_from_dict
 from .prompts import PromptLearner
 from .smgs import MetaPrompt
@@ -80,8 +88,6 @@ def save_prompts(result_or_learner, path: str | os.PathLike, config: APTConfig |
         meta_info = {"smgs_config": dataclasses.asdict(meta.config),
                      "best_loss": meta.best_loss if math.isfinite(meta.best_loss) else None, "anchors": meta.anchors}
     tensors = {name: t.detach().float().cpu().contiguous().clone() for name, t in tensors.items()}
-    from . import __version__  # lazy: apt_lab/__init__ may import this module
-
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "apt_lab_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "backbone": backbone_info(backbone), **learner.state(), "meta": meta_info,
@@ -90,8 +96,8 @@ def save_prompts(result_or_learner, path: str | os.PathLike, config: APTConfig |
     tensor_file, json_file = prompt_files(path)
     tensor_file.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(info, indent=2)  # fails here, before any file is touched, if extra is not JSON
-    _atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    _atomic(json_file, lambda tmp: tmp.write_text(text))
+    atomic_write(tensor_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(json_file, lambda tmp: tmp.write_text(text))
     return tensor_file
 
 
@@ -171,7 +177,7 @@ def _check_backbone(saved: dict, current: dict, where: Path) -> None:
                       UserWarning, stacklevel=3)
 
 
-def _atomic(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written checkpoint."""
     tmp = target.parent / (target.name + ".tmp")
     try:

@@ -99,7 +99,7 @@ class ScoreConfig:
 
 @dataclass
 class APTConfig:
-    name: str = "quick"  # preset or experiment name, used for run folders
+    name: str = "default"  # preset or experiment name, used for run folders (presets set their own)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # the frozen CLIP
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # CFG: synthetic anomalies
     prompts: PromptConfig = field(default_factory=PromptConfig)  # learnable prompts

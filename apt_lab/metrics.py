@@ -15,7 +15,7 @@ from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
-           "aupro", "pro_curve", "evaluate"]
+           "aupro", "pro_curve", "evaluate", "mean_metrics", "metric_rows", "format_metric", "METRIC_KEYS"]
 CFLOW_STEPS = 200
 
 
@@ -379,3 +379,44 @@ def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 
     out.update(pixel_auroc=pixel_auroc(m, g), pixel_ap=pixel_ap(m, g),
                pixel_f1max=pixel_f1max(m, g), aupro=aupro(m, g, fpr_limit))
     return out
+
+
+# --- tables ----------------------------------------------------------------------------------------
+def mean_metrics(per_category: dict[str, dict]) -> dict:
+    """Macro mean over categories of every metric present (as a number) in all of them.
+
+    Example:
+        >>> mean_metrics({"a": {"image_auroc": 0.5}, "b": {"image_auroc": 1.0}})
+        {'image_auroc': 0.75}
+    """
+    if not per_category:
+        return {}
+    names = set.intersection(*(set(k for k, v in m.items() if isinstance(v, (int, float)) and v is not None)
+                               for m in per_category.values()))
+    return {name: sum(m[name] for m in per_category.values()) / len(per_category) for name in sorted(names)}
+
+
+def metric_rows(results: dict) -> list[tuple[str, dict]]:
+    """The rows of every results table (terminal, CSV, HTML): (category, metrics) per category, then "mean".
+
+    Example:
+        >>> metric_rows({"categories": {"a": {"metrics": {"image_auroc": 0.5}}}, "mean": {"image_auroc": 0.5}})
+        [('a', {'image_auroc': 0.5}), ('mean', {'image_auroc': 0.5})]
+    """
+    rows = [(name, entry["metrics"]) for name, entry in results["categories"].items()]
+    return rows + [("mean", results.get("mean") or mean_metrics(dict(rows)))]
+
+
+def format_metric(value, digits: int = 4) -> str:
+    """How every table prints a value: "" for None, "nan", fixed ``digits`` for floats, str() otherwise.
+
+    Example:
+        >>> format_metric(0.123456), format_metric(None), format_metric(float("nan")), format_metric(3, 2)
+        ('0.1235', '', 'nan', '3')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "nan" if np.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+

@@ -13,32 +13,27 @@ Mode:
         full mode says so loudly and continues with random weights of the same architecture.
 
 Example:
-    >>> session = setup(seed=0)                                   # doctest: +SKIP
-    >>> backbone = session.backbone(); demo = session.dataset("brick")   # doctest: +SKIP
+    >>> session = setup(seed=0, mode="quick", verbose=False)
+    >>> session.config.name, session.k, session.dataset("brick").category
+    ('quick', 2, 'brick')
 """
 from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .backbone import pick_device
 from .config import APTConfig
+from .data.readers import dataset_root
+from .env import env_flag, env_text
 
-# Quick mode: small enough that every notebook runs in well under a minute on 2 CPU cores.
-QUICK_OVERRIDES = {"train__steps": 40, "train__pool_size": 16, "train__batch_size": 8}
-QUICK_K = 2  # normal shots per category in quick mode (full mode: config.train.k_shot, 4)
 DATASETS_WITH_ROOT = ("mvtec", "visa", "btad", "mpdd")
-
-
-def _flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    return value.strip().lower() not in ("0", "false", "no", "off")
 
 
 def choose_mode(mode: str | None = None) -> str:
@@ -47,7 +42,7 @@ def choose_mode(mode: str | None = None) -> str:
         if mode not in ("quick", "full"):
             raise ValueError(f"mode={mode!r}: use 'quick' (CPU, apt-tiny, demo set), 'full' (real backbone) or None")
         return mode
-    quick = _flag("APT_LAB_QUICK")
+    quick = env_flag("APT_LAB_QUICK")
     if quick is not None:
         return "quick" if quick else "full"
     return "full" if torch.cuda.is_available() else "quick"
@@ -67,8 +62,7 @@ class Session:
     Attributes:
         mode: "quick" or "full".
         device: where the backbone runs (CUDA when available, never hard-coded).
-        config: the ``APTConfig`` for this mode (quick: ``quick`` preset with :data:`QUICK_OVERRIDES`).
-        k: normal shots per category this mode uses.
+        config: the ``APTConfig`` for this mode (quick: the ``quick`` preset, ``apt_lab/presets/quick.json``).
         dataset_name, data_root: what :meth:`dataset` loads (root None = the packaged demo set).
     """
 
@@ -77,7 +71,6 @@ class Session:
     config: APTConfig
     seed: int
     preset: str
-    k: int
     dataset_name: str = "demo"
     data_root: Path | None = None
     _backbone: object = field(default=None, repr=False)
@@ -86,6 +79,11 @@ class Session:
     def quick(self) -> bool:
         return self.mode == "quick"
 
+    @property
+    def k(self) -> int:
+        """Normal shots per category: ``config.train.k_shot``."""
+        return self.config.train.k_shot
+
     def backbone(self):
         """The frozen backbone of ``config.backbone`` (loaded once, then cached).
 
@@ -93,9 +91,13 @@ class Session:
         architecture with random weights (``backbone.pretrained_loaded`` is then False).
         """
         if self._backbone is None:
-            from .backbone import load_backbone_or_random
+            from .backbone import load_backbone_from_config
+            from .report import random_weights_banner
 
-            self._backbone = load_backbone_or_random(self.config, device=self.device)
+            self._backbone = load_backbone_from_config(self.config, device=self.device, fallback_to_random=True)
+            banner = random_weights_banner(self._backbone)
+            if banner:
+                print(banner, file=sys.stderr, flush=True)
         return self._backbone
 
     def categories(self) -> list[str]:
@@ -109,20 +111,6 @@ class Session:
 
         category = category or self.categories()[0]
         return load_dataset(self.dataset_name, root=self.data_root, category=category)
-
-
-def _benchmark_root(name: str) -> Path | None:
-    """``$APT_LAB_DATA/<name>`` when it exists, or ``$APT_LAB_DATA`` itself when it is that dataset's folder."""
-    base = os.environ.get("APT_LAB_DATA")
-    if not base:
-        return None
-    base = Path(base).expanduser()
-    for candidate in (base / name, base):
-        if candidate.is_dir() and any(p.is_dir() for p in candidate.iterdir()):
-            if candidate == base and not (any((p / "train").is_dir() for p in base.iterdir()) or name == "visa"):
-                continue
-            return candidate
-    return None
 
 
 def setup(seed: int = 0, mode: str | None = None, preset: str | None = None, verbose: bool = True,
@@ -139,36 +127,30 @@ def setup(seed: int = 0, mode: str | None = None, preset: str | None = None, ver
     seed_everything(seed)
     if mode == "quick":
         preset = preset or "quick"
-        config = APTConfig.preset(preset, **QUICK_OVERRIDES)
-        k = QUICK_K
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     else:
-        preset = preset or os.environ.get("APT_LAB_PRESET") or "fast"
-        config = APTConfig.preset(preset)
-        k = config.train.k_shot
-    config = config.replace(train__seed=seed, **overrides)
-    device = torch.device(config.backbone.device) if config.backbone.device else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        preset = preset or env_text("APT_LAB_PRESET", "fast")
+    config = APTConfig.preset(preset).replace(train__seed=seed, **overrides)
+    device = pick_device(config.backbone.device)
     dataset_name, data_root, note = "demo", None, ""
-    wanted = (os.environ.get("APT_LAB_DATASET") or "").lower()
+    wanted = (env_text("APT_LAB_DATASET") or "").lower()
     if mode == "full" and wanted:
         if wanted not in DATASETS_WITH_ROOT:
             raise ValueError(f"APT_LAB_DATASET={wanted!r}: use one of {DATASETS_WITH_ROOT} (or unset it for the demo)")
-        data_root = _benchmark_root(wanted)
-        if data_root is not None:
-            dataset_name = wanted
+        root = dataset_root(wanted)
+        if root.is_dir():
+            dataset_name, data_root = wanted, root
         else:
-            note = (f" ({wanted} not found under APT_LAB_DATA={os.environ.get('APT_LAB_DATA')!r}; "
-                    "see docs/data.md to download it)")
-    session = Session(mode, device, config, seed, preset, k, dataset_name, data_root)
+            note = f" ({wanted} not found at {root}; see docs/data.md to download it)"
+    session = Session(mode, device, config, seed, preset, dataset_name, data_root)
     if verbose:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         weights = config.backbone.pretrained or "random weights"
         print(f"apt_lab setup — mode: {mode} | device: {device} (GPU: {gpu}) | torch {torch.__version__} | seed {seed}")
         print(f"  preset: {preset} → backbone {config.backbone.name} / {weights}, {config.train.steps} tuning steps, "
-              f"k = {k} shots")
+              f"k = {config.train.k_shot} shots")
         print(f"  data: {dataset_name} at {data_root or 'the packaged demo set'}{note}")
     return session
 
 
-__all__ = ["setup", "Session", "choose_mode", "seed_everything", "QUICK_OVERRIDES", "QUICK_K"]
+__all__ = ["setup", "Session", "choose_mode", "seed_everything"]

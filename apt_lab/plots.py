@@ -24,6 +24,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .metrics import format_metric
+
 MAP_COLORSCALE = "Jet"  # the anomaly-map convention in the CLIP-AD literature: blue normal, red anomalous
 MASK_COLOR = "white"  # ground-truth outline
 THRESHOLD_COLOR = "magenta"  # predicted region outline (map >= threshold)
@@ -316,7 +318,7 @@ def metrics_table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None 
             columns += [key for key in row if key not in columns and _is_scalar(row[key])]
     cells = []
     for column in columns:
-        cells.append([_format(row.get(column), digits) for row in flat])
+        cells.append([format_metric(row.get(column), digits) for row in flat])
     fig = go.Figure(go.Table(header=dict(values=[METRIC_NAMES.get(c, c) for c in columns], align="left"),
                              cells=dict(values=cells, align="left")))
     fig.update_layout(height=height or 60 + 28 * (len(flat) + 1), margin=dict(l=5, r=5, t=5, b=5))
@@ -344,12 +346,6 @@ def score_histogram_figure(image_scores, labels=None, threshold: float | None = 
 
 def _is_scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, np.integer, np.floating))
-
-
-def _format(value, digits: int):
-    if isinstance(value, (float, np.floating)):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return "" if value is None else str(value)
 
 
 __all__ = ["image_figure", "anomaly_map_figure", "anomaly_map_grid", "perturbation_figure", "training_curves_figure",

@@ -7,54 +7,51 @@ opens offline.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
-import torch
-
-from .metrics import METRIC_KEYS
+from .checkpoint import atomic_write
+from .metrics import METRIC_KEYS, format_metric, metric_rows
+from .pipeline import load_examples
 from .plots import anomaly_map_grid
 
 
+def random_weights_banner(backbone) -> str | None:
+    """The loud notice every face prints when a backbone fell back to random weights (None when it did not)."""
+    reason = getattr(backbone, "fallback_reason", None)
+    if reason is None:
+        return None
+    line = "!" * 100
+    return (f"\n{line}\n!! PRETRAINED WEIGHTS UNAVAILABLE — running {backbone.name} with RANDOM WEIGHTS.\n!! {reason}\n"
+            "!! Scores below measure the pipeline, not APT's accuracy; results record \"pretrained\": false.\n"
+            f"{line}\n")
 
-def select_examples(labels: torch.Tensor, image_scores: torch.Tensor, per_kind: int = 4) -> list[int]:
-    """Test images to show: the ``per_kind`` highest-scoring anomalous and normal images.
 
-    Example:
-        >>> select_examples(torch.tensor([0, 1, 0, 1]), torch.tensor([0.9, 0.2, 0.1, 0.8]), per_kind=1)
-        [3, 0]
+def write_report(folder: str | Path, path: str | Path | None = None) -> Path:
+    """Write ``<folder>/report.html`` for a run folder, entirely from what the run left on disk.
+
+    Reads ``results.json`` and the example maps each category saved under ``examples/`` (see
+    :func:`apt_lab.pipeline.save_examples`), so a finished run can be redrawn at any time and a rerun draws
+    exactly the same page. The page goes through a temporary file and an atomic rename: an interrupted write
+    leaves the previous report intact.
     """
-    chosen = []
-    for label in (1, 0):
-        indices = torch.nonzero(labels == label).flatten()
-        order = torch.argsort(image_scores[indices], descending=True)
-        chosen += indices[order[:per_kind]].tolist()
-    return chosen
-
-
-def write_report(path: str | Path, results: dict, category_results: dict, test_images: dict | None = None) -> Path:
-    """Write ``report.html``.
-
-    Args:
-        results: the run's results dict (as written to results.json).
-        category_results: {category: CategoryResult} computed in this session (maps are drawn for these).
-        test_images: {category: (indices, (n, 3, S, S) pixels)} of the examples to draw, from ``select_examples``.
-    """
-    path = Path(path)
-    test_images = test_images or {}
+    folder = Path(folder)
+    results = json.loads((folder / "results.json").read_text())
     parts = [_header(results), _metrics_table(results)]
     first_figure = True
-    for category, entry in results["categories"].items():
+    for category in results["categories"]:
         parts.append(f"<h2>{html.escape(category)}</h2>")
-        result = category_results.get(category)
-        if result is None or category not in test_images:
-            parts.append("<p>Maps not shown: this category was computed in an earlier session (see results.json).</p>")
+        examples = load_examples(folder / "examples" / category)
+        if examples is None:
+            parts.append(f"<p>Maps not shown: {html.escape(str(folder / 'examples' / category))}.safetensors is "
+                         "missing or unreadable (rerun the category with --overwrite to regenerate it).</p>")
             continue
-        indices, images = test_images[category]
-        zmin, zmax = float(result.anomaly_maps.min()), float(result.anomaly_maps.max())  # whole test set
-        titles = [f"{result.defects[i]} · score {float(result.image_scores[i]):.3f}" for i in indices]
-        masks = None if result.masks is None else result.masks[indices]
-        figure = anomaly_map_grid(images, result.anomaly_maps[indices], masks, zmin=zmin, zmax=zmax,
-                                  titles=titles, cols=4)
+        zmin, zmax = (float(v) for v in examples["colour_range"])  # the whole test set's range
+        titles = [f"{defect} · score {float(value):.3f}"
+                  for defect, value in zip(examples["defects"], examples["image_scores"])]
+        masks = examples.get("masks")
+        figure = anomaly_map_grid(examples["images"], examples["anomaly_maps"], None if masks is None else masks.bool(),
+                                  zmin=zmin, zmax=zmax, titles=titles, cols=4)
         parts.append(f"<p>Colour range for the whole test set: [{zmin:.3f}, {zmax:.3f}]. White outline: ground "
                      "truth.</p>")
         parts.append(figure.to_html(full_html=False, include_plotlyjs=first_figure))
@@ -64,8 +61,9 @@ def write_report(path: str | Path, results: dict, category_results: dict, test_i
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
             ".warn{background:#fee;border:2px solid #c00;padding:1em;font-weight:bold}</style></head><body>"
             + "\n".join(parts) + "</body></html>")
-    path.write_text(page, encoding="utf-8")
-    return path
+    target = Path(path) if path is not None else folder / "report.html"
+    atomic_write(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return target
 
 
 def _header(results: dict) -> str:
@@ -82,10 +80,8 @@ def _header(results: dict) -> str:
 
 def _metrics_table(results: dict) -> str:
     head = "".join(f"<th>{c}</th>" for c in ("category", *METRIC_KEYS))
-    rows = list(results["categories"].items()) + [("mean", {"metrics": results.get("mean", {})})]
     body = []
-    for category, entry in rows:
-        cells = "".join(f"<td>{'' if entry['metrics'].get(c) is None else format(entry['metrics'][c], '.4f')}</td>"
-                        for c in METRIC_KEYS)
+    for category, metrics in metric_rows(results):
+        cells = "".join(f"<td>{format_metric(metrics.get(c))}</td>" for c in METRIC_KEYS)
         body.append(f"<tr><td>{html.escape(category)}</td>{cells}</tr>")
     return f"<h2>Metrics</h2><table><tr>{head}</tr>{''.join(body)}</table>"

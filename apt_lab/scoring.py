@@ -10,6 +10,7 @@ Example:
     >>> import torch, apt_lab
     >>> from apt_lab.config import APTConfig
     >>> b = apt_lab.load_backbone("apt-tiny")
+    >>> from apt_lab.baselines import human_prompt_features
     >>> out = score(b, human_prompt_features(b, "bottle"), torch.rand(2, 3, 224, 224), APTConfig())
     >>> out.image_scores.shape, out.anomaly_maps.shape
     (torch.Size([2]), torch.Size([2, 224, 224]))
@@ -25,22 +26,6 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, ImageFeatures, check_pixels
 from .config import APTConfig, ScoreConfig, config_section
-
-# WinCLIP's compositional prompt ensemble (public prompt text): state words × templates, "{}" = the category.
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage")
-ANOMALOUS_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-TEMPLATES = (
-    "a cropped photo of the {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
-    "a close-up photo of the {}.", "a bright photo of a {}.", "a bright photo of the {}.",
-    "a dark photo of the {}.", "a dark photo of a {}.", "a jpeg corrupted photo of a {}.",
-    "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.", "a blurry photo of a {}.",
-    "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of the small {}.",
-    "a photo of a large {}.", "a photo of the large {}.", "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.", "a photo of the {} for anomaly detection.",
-    "a photo of a {} for anomaly detection.",
-)
-
 
 # ----------------------------------------------------------------------------------------------- pure functions
 def patch_logits(features: ImageFeatures, text_features: torch.Tensor, temperature: float
@@ -150,8 +135,7 @@ def build_memory(backbone: Backbone, shots: torch.Tensor, config: APTConfig | Sc
     """(K, 3, S, S) normal shots → VisualMemory for ``score(..., memory=...)`` (WinCLIP+ / PromptAD style)."""
     cfg = config_section(config, ScoreConfig)
     check_pixels(shots, "shots")
-    step = cfg.batch_size
-    feats = ImageFeatures.cat([_encode(backbone, shots[i:i + step], cfg) for i in range(0, shots.shape[0], step)])
+    feats = backbone.encode_batched(shots, cfg.batch_size, cfg.locality_radius)
     layers, k, n, dim = feats.patches.shape
     return VisualMemory(feats.patches.reshape(layers, k * n, dim), feats.grid, k, cfg.locality_radius)
 
@@ -217,7 +201,7 @@ def score(backbone: Backbone, prompts, images: torch.Tensor, config: APTConfig |
     size = backbone.image_size
     image_scores, maps = [torch.zeros(0)], [torch.zeros(0, size, size)]  # an empty batch gives empty Scores
     for start in range(0, images.shape[0], cfg.batch_size):
-        feats = _encode(backbone, images[start:start + cfg.batch_size], cfg)
+        feats = backbone.encode_batched(images[start:start + cfg.batch_size], cfg.batch_size, cfg.locality_radius)
         image_prob, patch_prob = anomaly_probabilities(feats, text, cfg.temperature)  # (b,), (L, b, N)
         if memory is not None:
             patch_prob = (1 - cfg.memory_weight) * patch_prob + cfg.memory_weight * memory_distances(feats, memory)
@@ -228,37 +212,7 @@ def score(backbone: Backbone, prompts, images: torch.Tensor, config: APTConfig |
     return Scores(torch.cat(image_scores), torch.cat(maps))
 
 
-# ------------------------------------------------------------------------------------------- human prompts
-def human_prompt_sentences(category: str = "object") -> tuple[list[str], list[str]]:
-    """WinCLIP's sentences: (7 normal states × 22 templates, 4 anomalous states × 22 templates).
-
-    Example:
-        >>> normal, anomalous = human_prompt_sentences("bottle")
-        >>> len(normal), len(anomalous), anomalous[0]
-        (154, 88, 'a cropped photo of the damaged bottle.')
-    """
-    def expand(states):
-        return [t.format(s.format(category)) for s in states for t in TEMPLATES]
-
-    return expand(NORMAL_STATES), expand(ANOMALOUS_STATES)
-
-
-def human_prompt_features(backbone: Backbone, category: str = "object") -> torch.Tensor:
-    """The human-prompt baseline: (2, D) [normal, anomalous], each the re-normalised mean of its sentences'
-    normalised embeddings. Score it like learned prompts: ``score(backbone, features, images, config)``."""
-    normal, anomalous = human_prompt_sentences(category)
-    embeddings = backbone.encode_texts(normal + anomalous)  # (154 + 88, D) normalised
-    pair = torch.stack([embeddings[:len(normal)].mean(0), embeddings[len(normal):].mean(0)])  # (2, D)
-    return F.normalize(pair, dim=-1)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def _encode(backbone: Backbone, images: torch.Tensor, cfg: ScoreConfig) -> ImageFeatures:
-    """Resize, move and encode checked pixels (one batch, or all shots) with the configured locality radius."""
-    x = backbone.resize(images).to(backbone.device)  # (b, 3, S, S)
-    return backbone.encode_images(x, locality_radius=cfg.locality_radius)
-
-
 def _text_features(prompts, category: str | None, backbone: Backbone) -> torch.Tensor:
     if hasattr(prompts, "text_features"):
         text = prompts.text_features(category=category)

@@ -17,9 +17,9 @@ Example:
     >>> from apt_lab.config import APTConfig
     >>> b = apt_lab.load_backbone("apt-tiny")
     >>> cfg = APTConfig.preset("quick", train__steps=5, train__pool_size=8)
-    >>> result = tune_prompts(b, torch.rand(2, 3, 224, 224), cfg, progress=False)   # doctest: +SKIP
-    >>> [r["step"] for r in result.history], result.prompts.text_features().shape    # doctest: +SKIP
-    ([0, 1, 2, 3, 4], torch.Size([2, 128]))
+    >>> result = tune_prompts(b, torch.rand(2, 3, 224, 224), cfg, progress=False)
+    >>> [r["step"] for r in result.history], tuple(result.prompts.text_features().shape)
+    ([0, 1, 2, 3, 4], (2, 128))
 """
 from __future__ import annotations
 
@@ -30,29 +30,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .backbone import ImageFeatures
-from .config import APTConfig, TrainConfig
-from .perturbations import perturb, perturb_features, region_of_interest
+from .config import APTConfig
+from .errors import StopTraining, TrainingDivergedError
+from .losses import task_loss
+from .perturbations import perturb, perturb_features
+from .roi import region_of_interest
 from .prompts import PromptLearner
 from .scoring import patch_logits
 from .smgs import MetaPrompt, apply_smgs, meta_loss
 
 HISTORY_KEYS = ("step", "loss", "image_loss", "focal", "dice", "meta_loss", "conflict_rate", "meta_drift",
                 "held_out_loss", "seconds")
-
-
-class StopTraining(Exception):
-    """Raise from a callback to end tuning early; ``tune_prompts`` returns the result so far (interrupted)."""
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN or infinite. ``error.result`` holds the :class:`TuneResult` of the steps before it."""
-
-    def __init__(self, message: str, result: "TuneResult"):
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass
@@ -82,112 +72,34 @@ class TuneResult:
         return [record.get(key) for record in self.history]
 
 
-# ----------------------------------------------------------------------------------------------- losses
-def image_loss(cls_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted mean cross-entropy of (B, 2) logits against (B,) labels {0 normal, 1 anomalous}.
-
-    Entries with weight 0 are skipped (feature-space anomalies: their CLS token is the clean one, so calling
-    it anomalous would teach a contradiction). Returns 0 when every weight is 0.
-
-    Example:
-        >>> logits, labels = torch.tensor([[0., 0.], [2., 0.]]), torch.tensor([1, 0])  # CE: ln 2, ln(1 + e⁻²)
-        >>> round(float(image_loss(logits, labels)), 4)                             # mean of both
-        0.41
-        >>> round(float(image_loss(logits, labels, torch.tensor([0., 1.]))), 4)     # first entry skipped
-        0.1269
-    """
-    ce = F.cross_entropy(cls_logits.float(), labels.long(), reduction="none")  # (B,)
-    if weights is None:
-        return ce.mean()
-    weights = weights.to(ce)
-    return (ce * weights).sum() / weights.sum().clamp_min(1e-12)
-
-
-def focal_loss(patch_logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Mean focal loss −(1 − p_t)^γ log p_t over layers, images and patches.
-
-    Args:
-        patch_logits: (L, B, N, 2) [normal, anomalous] logits.
-        targets: (B, N) 1 for anomalous patches (the perturbation's patch mask), 0 otherwise.
-
-    Example (p_t = 0.5 everywhere, γ = 2: 0.25 · ln 2):
-        >>> round(float(focal_loss(torch.zeros(1, 1, 2, 2), torch.tensor([[1., 0.]]))), 4)
-        0.1733
-    """
-    log_p = F.log_softmax(patch_logits.float(), dim=-1)  # (L, B, N, 2)
-    target = targets.to(log_p.device).long().expand(log_p.shape[:-1])  # (L, B, N)
-    log_pt = log_p.gather(-1, target[..., None])[..., 0]  # (L, B, N)
-    return (-(1 - log_pt.exp()).pow(gamma) * log_pt).mean()
-
-
-def dice_loss(anomalous_prob: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss per tapped layer over the whole batch, averaged over layers: 1 − (2Σpt + s)/(Σp + Σt + s).
-
-    Computed over the batch (not per image) so clean images, whose target is empty, still count: their
-    anomalous probability only adds to Σp. ``smooth`` = 1 as in AnomalyCLIP/APRIL-GAN.
-
-    Args:
-        anomalous_prob: (L, B, N) probability of "anomalous" per patch.
-        targets: (B, N) {0, 1}.
-
-    Example (p = t: 1 − (2·2 + 1)/(2 + 2 + 1) = 0; p = 1 − t: 1 − 1/(1 + 2 + 1)):
-        >>> t = torch.tensor([[1., 1., 0.]])
-        >>> float(dice_loss(t[None], t)), round(float(dice_loss(1 - t[None], t)), 4)
-        (0.0, 0.75)
-    """
-    targets = targets.to(anomalous_prob)[None]  # (1, B, N)
-    dims = tuple(range(1, anomalous_prob.dim()))
-    overlap = (anomalous_prob * targets).sum(dims)  # (L,)
-    total = anomalous_prob.sum(dims) + targets.sum(dims).expand_as(overlap)  # (L,)
-    return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
-
-
-def task_loss(cls_logits: torch.Tensor, patch_logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-              config: TrainConfig, image_weights: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """w0·CE(image) + w1·focal(patches) + w2·dice(patches), averaged over the tapped layers.
-
-    Returns:
-        (total, {"image_loss", "focal", "dice"}) — the parts unweighted.
-    """
-    w_image, w_focal, w_dice = config.loss_weights
-    parts = {"image_loss": image_loss(cls_logits, labels, image_weights),
-             "focal": focal_loss(patch_logits, targets, config.focal_gamma),
-             "dice": dice_loss(patch_logits.float().softmax(-1)[..., 1], targets)}
-    total = w_image * parts["image_loss"] + w_focal * parts["focal"] + w_dice * parts["dice"]
-    return total, parts
-
-
 # ----------------------------------------------------------------------------------------- the data
 @dataclass
-class _Set:
-    """Encoded training entries: features, image labels, patch targets, image-loss weights, shot group."""
+class Examples:
+    """Encoded training examples: features, image labels, patch targets, image-loss weights, shot group."""
 
     features: ImageFeatures  # cls (P, D), patches (L, P, N, D)
-    labels: torch.Tensor  # (P,) long
-    targets: torch.Tensor  # (P, N) float
+    labels: torch.Tensor  # (P,) long, 0 normal / 1 anomalous
+    targets: torch.Tensor  # (P, N) float, 1 = anomalous patch
     weights: torch.Tensor  # (P,) float, 0 = no image-level CE (feature-space anomaly)
     groups: torch.Tensor  # (P,) long, index into the shot groups
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, index: torch.Tensor) -> "_Set":
-        return _Set(self.features[index], self.labels[index], self.targets[index], self.weights[index],
-                    self.groups[index])
+    def __getitem__(self, index: torch.Tensor) -> "Examples":
+        return Examples(self.features[index], self.labels[index], self.targets[index], self.weights[index],
+                        self.groups[index])
 
     @staticmethod
-    def cat(items: Sequence["_Set"]) -> "_Set":
-        return _Set(ImageFeatures.cat([s.features for s in items]), torch.cat([s.labels for s in items]),
-                    torch.cat([s.targets for s in items]), torch.cat([s.weights for s in items]),
-                    torch.cat([s.groups for s in items]))
+    def cat(items: Sequence["Examples"]) -> "Examples":
+        return Examples(ImageFeatures.cat([s.features for s in items]), torch.cat([s.labels for s in items]),
+                        torch.cat([s.targets for s in items]), torch.cat([s.weights for s in items]),
+                        torch.cat([s.groups for s in items]))
 
 
 def _encode(backbone, images: torch.Tensor, config: APTConfig) -> ImageFeatures:
-    """Encode in chunks of ``config.score.batch_size`` with the same encoder settings as scoring."""
-    size = max(1, config.score.batch_size)
-    return ImageFeatures.cat([backbone.encode_images(images[i:i + size], locality_radius=config.score.locality_radius)
-                              for i in range(0, images.shape[0], size)])
+    """Encode with the same encoder settings as scoring."""
+    return backbone.encode_batched(images, config.score.batch_size, config.score.locality_radius)
 
 
 def _shot_groups(shots, categories) -> tuple[list[str | None], list[torch.Tensor]]:
@@ -207,15 +119,16 @@ def _shot_groups(shots, categories) -> tuple[list[str | None], list[torch.Tensor
     return [categories[0] if categories else None], [shots]
 
 
-def _clean_set(features: ImageFeatures, group: int) -> _Set:
+def _clean_examples(features: ImageFeatures, group: int) -> Examples:
     count, n = features.cls.shape[0], features.patches.shape[2]
     device = features.cls.device
-    return _Set(features, torch.zeros(count, dtype=torch.long, device=device), torch.zeros(count, n, device=device),
-                torch.ones(count, device=device), torch.full((count,), group, dtype=torch.long, device=device))
+    return Examples(features, torch.zeros(count, dtype=torch.long, device=device),
+                    torch.zeros(count, n, device=device), torch.ones(count, device=device),
+                    torch.full((count,), group, dtype=torch.long, device=device))
 
 
-def _perturbed_set(backbone, shots: torch.Tensor, clean: ImageFeatures, roi: torch.Tensor | None, size: int,
-                   group: int, config: APTConfig, rng: torch.Generator, feature_fraction: float) -> _Set:
+def _perturbed_examples(backbone, shots: torch.Tensor, clean: ImageFeatures, roi: torch.Tensor | None, size: int,
+                        group: int, config: APTConfig, rng: torch.Generator, feature_fraction: float) -> Examples:
     """``size`` perturbed copies of the shots (cycled), encoded; a share made in feature space instead."""
     index = torch.arange(size) % shots.shape[0]  # (size,) every shot equally often
     out = perturb(shots[index.to(shots.device)], config, rng, roi=None if roi is None else roi[index.to(roi.device)],
@@ -233,8 +146,8 @@ def _perturbed_set(backbone, shots: torch.Tensor, clean: ImageFeatures, roi: tor
                                       config.perturb.feature_strength))
         weights.append(torch.zeros(n_feature))
     device = targets.device
-    return _Set(ImageFeatures.cat(parts), torch.ones(size, dtype=torch.long, device=device), targets,
-                torch.cat(weights).to(device), torch.full((size,), group, dtype=torch.long, device=device))
+    return Examples(ImageFeatures.cat(parts), torch.ones(size, dtype=torch.long, device=device), targets,
+                    torch.cat(weights).to(device), torch.full((size,), group, dtype=torch.long, device=device))
 
 
 def _draw_indices(count: int, total: int, rng: torch.Generator) -> torch.Tensor:
@@ -244,8 +157,64 @@ def _draw_indices(count: int, total: int, rng: torch.Generator) -> torch.Tensor:
     return torch.randint(total, (count,), generator=rng)
 
 
+class _Data:
+    """Everything the loop draws batches from: the clean shots and the pool of synthetic anomalies.
+
+    Clean shots are encoded once and their regions of interest computed once; the pool is perturbed and encoded
+    once per (re)build. Timings accumulate into ``timings``.
+    """
+
+    def __init__(self, backbone, groups: list[torch.Tensor], names: list, roi, config: APTConfig,
+                 rng: torch.Generator, timings: dict):
+        self.backbone, self.groups, self.config, self.rng, self.timings = backbone, groups, config, rng, timings
+        train = config.train
+        t0 = time.perf_counter()
+        self.clean_features = [_encode(backbone, g, config) for g in groups]
+        self.clean = Examples.cat([_clean_examples(f, i) for i, f in enumerate(self.clean_features)])
+        timings["encode_shots_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.rois = self._regions(roi, names)
+        timings["roi_s"] = time.perf_counter() - t0
+        self.n_anomalous = int(round(train.batch_size * train.anomaly_fraction))
+        self.n_clean = train.batch_size - self.n_anomalous
+        self.pool_size = math.ceil(self.n_anomalous / len(groups)) if train.encode_each_step else train.pool_size
+        if self.n_anomalous and self.pool_size < 1:
+            raise ValueError(f"config.train.pool_size={train.pool_size}: need at least 1 perturbed image per shot "
+                             "group")
+        self.pool = self.build_pool(self.pool_size) if self.n_anomalous and not train.encode_each_step else None
+
+    def _regions(self, roi, names) -> list:
+        if roi is not None:
+            return [roi[n] for n in names] if isinstance(roi, Mapping) else [roi]
+        if self.config.perturb.region == "image":
+            return [None] * len(self.groups)
+        reuse = self.config.score.locality_radius == 0  # the cached clean features are plain encoder outputs then
+        return [region_of_interest(self.backbone, g, self.config, features=f if reuse else None)
+                for g, f in zip(self.groups, self.clean_features)]
+
+    def build_pool(self, size: int) -> Examples:
+        t0 = time.perf_counter()
+        pool = Examples.cat([_perturbed_examples(self.backbone, g, f, r, size, i, self.config, self.rng,
+                                                 self.config.train.feature_pool_fraction)
+                             for i, (g, f, r) in enumerate(zip(self.groups, self.clean_features, self.rois))])
+        self.timings["pool_s"] += time.perf_counter() - t0
+        self.timings["pool_builds"] += 1
+        return pool
+
+    def batch(self, step: int) -> Examples:
+        """The step's batch: ``n_anomalous`` pool entries (re-drawn pool when due) and ``n_clean`` clean shots."""
+        train, device, parts = self.config.train, self.backbone.device, []
+        if self.n_anomalous:
+            if train.encode_each_step or (train.pool_refresh > 0 and step > 0 and step % train.pool_refresh == 0):
+                self.pool = self.build_pool(self.pool_size)
+            parts.append(self.pool[_draw_indices(self.n_anomalous, len(self.pool), self.rng).to(device)])
+        if self.n_clean:
+            parts.append(self.clean[torch.randint(len(self.clean), (self.n_clean,), generator=self.rng).to(device)])
+        return Examples.cat(parts)
+
+
 # ----------------------------------------------------------------------------------------- the loop
-def _logits(learner: PromptLearner, batch: _Set, temperature: float):
+def _logits(learner: PromptLearner, batch: Examples, temperature: float):
     """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair."""
     text = learner.all_text_features()  # (P, 2, D)
     if text.shape[0] == 1:
@@ -263,7 +232,7 @@ def _logits(learner: PromptLearner, batch: _Set, temperature: float):
     return torch.cat(cls)[back], torch.cat(patches, dim=1)[:, back], text
 
 
-def _losses(learner, meta, batch: _Set, config: APTConfig, with_meta: bool):
+def _losses(learner, meta, batch: Examples, config: APTConfig, with_meta: bool):
     cls, patches, text = _logits(learner, batch, config.score.temperature)
     total, parts = task_loss(cls, patches, batch.labels, batch.targets, config.train, batch.weights)
     m_loss = None
@@ -271,6 +240,26 @@ def _losses(learner, meta, batch: _Set, config: APTConfig, with_meta: bool):
         m_loss = meta_loss(config.smgs, text, meta.text_features(), batch.features, config.score.temperature,
                            learned_logits=(cls, patches))
     return total, parts, m_loss, text
+
+
+def _step(learner, meta, optimizer, batch: Examples, config: APTConfig, step: int, result: "TuneResult") -> dict:
+    """One optimiser step: task and meta loss, SMGS's gradient rule (λ > 0), the optimiser, the meta update."""
+    optimizer.zero_grad(set_to_none=True)
+    total, parts, m_loss, text = _losses(learner, meta, batch, config, with_meta=True)
+    if not torch.isfinite(total):
+        lr = config.train.lr
+        raise TrainingDivergedError(
+            f"the task loss became {_number(total)} at step {step} (lr={lr:g}); lower config.train.lr (e.g. "
+            f"{lr / 10:g}). The prompts from before this step are in error.result.", result)
+    conflict_rate = None  # λ = 0: SMGS off, no meta gradient
+    if config.smgs.lam > 0:
+        conflict_rate = apply_smgs(learner.parameters(), total, m_loss, config.smgs.lam)["conflict_rate"]
+    else:
+        total.backward()
+    optimizer.step()
+    return {"loss": _number(total), "image_loss": _number(parts["image_loss"]), "focal": _number(parts["focal"]),
+            "dice": _number(parts["dice"]), "meta_loss": _number(m_loss), "conflict_rate": conflict_rate,
+            "text": text.detach()}
 
 
 def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callable[[dict], None]] = (),
@@ -283,14 +272,14 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
             prompt pair each when ``config.prompts.per_category``, else one shared pair trained on all).
         config: every knob (``train``, ``perturb``, ``prompts``, ``smgs``; ``score.temperature`` for logits).
         callbacks: each gets every step's history record right after the step (live plots, early stopping by
-            raising :class:`StopTraining`).
+            raising :class:`~apt_lab.errors.StopTraining`).
         progress: show a tqdm bar.
         roi: optional (K, S, S) bool region of interest (a dict of them for dict shots); None = computed once
             per shot with ``region_of_interest`` (or the whole image when ``config.perturb.region == "image"``).
         categories: names for a tensor of shots (one name), needed with ``per_category`` prompts.
 
     Returns:
-        :class:`TuneResult`. A KeyboardInterrupt (or :class:`StopTraining`) returns the steps done so far
+        :class:`TuneResult`. A KeyboardInterrupt (or ``StopTraining``) returns the steps done so far
         with ``interrupted=True`` — the last step may be half-applied if it struck inside the optimiser.
 
     Raises:
@@ -302,10 +291,8 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     ``periodic`` re-anchoring steps. Batches: ``round(batch_size · anomaly_fraction)`` anomalies drawn from
     the pool (all shot groups), the rest clean shots; pool_size perturbed images *per shot group*.
     """
-    train = config.train
-    start_all = time.perf_counter()
+    train, start_all = config.train, time.perf_counter()
     names, groups = _shot_groups(shots, categories)
-    groups = [g.to(backbone.device) for g in groups]
     named = [n for n in names if n is not None]
     learner = PromptLearner(backbone, config.prompts, categories=named or None, seed=train.seed)
     meta = MetaPrompt(backbone, config.smgs, categories=named).to(backbone.device)
@@ -313,88 +300,27 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     timings = {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0, "pool_builds": 0, "steps_s": 0.0,
                "step_s": 0.0, "total_s": 0.0}
     result = TuneResult(learner, meta, [], timings, False, config, named or None)
-
-    # ---- clean shots: encoded once
-    t0 = time.perf_counter()
-    clean_features = [_encode(backbone, g, config) for g in groups]
-    clean = _Set.cat([_clean_set(f, i) for i, f in enumerate(clean_features)])
-    timings["encode_shots_s"] = time.perf_counter() - t0
-
-    # ---- regions of interest: once per shot
-    t0 = time.perf_counter()
-    if roi is not None:
-        rois = [roi[n] for n in names] if isinstance(roi, Mapping) else [roi]
-    elif config.perturb.region == "image":
-        rois = [None] * len(groups)
-    else:
-        reuse = config.score.locality_radius == 0  # the cached clean features are plain encoder outputs then
-        rois = [region_of_interest(backbone, g, config, features=f if reuse else None)
-                for g, f in zip(groups, clean_features)]
-    timings["roi_s"] = time.perf_counter() - t0
-
-    n_anomalous = int(round(train.batch_size * train.anomaly_fraction))
-    n_clean = train.batch_size - n_anomalous
-    pool_size = math.ceil(n_anomalous / len(groups)) if train.encode_each_step else train.pool_size
-    if n_anomalous and pool_size < 1:
-        raise ValueError(f"config.train.pool_size={train.pool_size}: need at least 1 perturbed image per shot group")
-
-    def build_pool(size: int) -> _Set:
-        t = time.perf_counter()
-        pool = _Set.cat([_perturbed_set(backbone, g, f, r, size, i, config, rng, train.feature_pool_fraction)
-                         for i, (g, f, r) in enumerate(zip(groups, clean_features, rois))])
-        timings["pool_s"] += time.perf_counter() - t
-        timings["pool_builds"] += 1
-        return pool
-
-    pool = build_pool(pool_size) if n_anomalous and not train.encode_each_step else None
+    data = _Data(backbone, [g.to(backbone.device) for g in groups], names, roi, config, rng, timings)
     held_out = None
-    if config.smgs.update == "periodic":
-        held_out = _Set.cat([build_pool(max(1, config.smgs.heldout_size)), clean])  # anomalies never trained on
-
+    if config.smgs.update == "periodic":  # anomalies never trained on, for the re-anchoring decision
+        held_out = Examples.cat([data.build_pool(max(1, config.smgs.heldout_size)), data.clean])
     optimizer = torch.optim.Adam(learner.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    use_smgs = config.smgs.lam > 0
     bar = _progress_bar(train.steps, progress)
     try:
         for step in range(train.steps):
             t_step = time.perf_counter()
-            if n_anomalous and (train.encode_each_step or (train.pool_refresh > 0 and step > 0
-                                                          and step % train.pool_refresh == 0)):
-                pool = build_pool(pool_size)
-            parts_of_batch = []
-            if n_anomalous:
-                parts_of_batch.append(pool[_draw_indices(n_anomalous, len(pool), rng).to(backbone.device)])
-            if n_clean:
-                parts_of_batch.append(clean[torch.randint(len(clean), (n_clean,), generator=rng).to(backbone.device)])
-            batch = _Set.cat(parts_of_batch)
-
-            optimizer.zero_grad(set_to_none=True)
-            total, parts, m_loss, text = _losses(learner, meta, batch, config, with_meta=True)
-            if not torch.isfinite(total):
-                raise TrainingDivergedError(
-                    f"the task loss became {_number(total)} at step {step} (lr={train.lr:g}); lower "
-                    f"config.train.lr (e.g. {train.lr / 10:g}). The prompts from before this step are in "
-                    "error.result.", result)
-            if use_smgs:
-                stats = apply_smgs(learner.parameters(), total, m_loss, config.smgs.lam)
-                conflict_rate = stats["conflict_rate"]
-            else:
-                total.backward()
-                conflict_rate = None
-            optimizer.step()
-
+            record = _step(learner, meta, optimizer, data.batch(step), config, step, result)
+            text = record.pop("text")
             held_out_loss = None
             if meta.wants_held_out(step):
                 with torch.no_grad():
                     held_out_total, _, _, text = _losses(learner, meta, held_out, config, with_meta=False)
                 held_out_loss = float(held_out_total)
             # ema: the features this step started from (no extra pass); periodic: the post-step ones just scored
-            meta.update(text.detach().mean(0), step, held_out_loss)  # mean over categories' pairs
-
+            meta.update(text.mean(0), step, held_out_loss)  # mean over categories' pairs
             seconds = time.perf_counter() - t_step
-            record = {"step": step, "loss": _number(total), "image_loss": _number(parts["image_loss"]),
-                      "focal": _number(parts["focal"]), "dice": _number(parts["dice"]),
-                      "meta_loss": _number(m_loss), "conflict_rate": conflict_rate,
-                      "meta_drift": float(meta.drift().mean()), "held_out_loss": held_out_loss, "seconds": seconds}
+            record = {"step": step, **record, "meta_drift": float(meta.drift().mean()),
+                      "held_out_loss": held_out_loss, "seconds": seconds}
             result.history.append(record)
             timings["steps_s"] += seconds
             bar.update(1)

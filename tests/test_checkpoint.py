@@ -49,6 +49,9 @@ def test_json_records_what_was_run(tiny_backbone, tuned, tmp_path):
 def test_per_category_deep_learner_round_trip(tiny_backbone, tmp_path):
     config = PromptConfig(per_category=True, deep_layers=2, n_ctx=6)
     learner = PromptLearner(tiny_backbone, config, categories=["brick", "grass"], seed=5)
+    with torch.no_grad():  # move the vectors off their seeded start: only the file's values can reproduce them now
+        for parameter in learner.parameters():
+            parameter.add_(0.5)
     save_prompts(learner, tmp_path / "bare")
     loaded = load_prompts(tmp_path / "bare", tiny_backbone)
     assert loaded.categories == ["brick", "grass"] and loaded.config == config
@@ -59,13 +62,21 @@ def test_per_category_deep_learner_round_trip(tiny_backbone, tmp_path):
 
 
 def test_loading_never_unpickles(tiny_backbone, tuned, tmp_path, monkeypatch):
+    import pickle
+
     save_prompts(tuned, tmp_path / "p")
+    unpickled = []
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("torch.load must not be used")
+        unpickled.append(args[:1])
+        raise AssertionError("loading prompts must not unpickle (torch.load / pickle)")
 
-    monkeypatch.setattr(torch, "load", forbidden)
-    load_prompts(tmp_path / "p", tiny_backbone)
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, forbidden)
+    learner, meta = load_prompts(tmp_path / "p", tiny_backbone, with_meta=True)
+    assert unpickled == []  # also when a caller swallowed the AssertionError
+    assert torch.equal(learner.text_features(), tuned.prompts.text_features())  # and it still loaded everything
+    assert torch.equal(meta.current, tuned.meta.current)
 
 
 def test_other_backbone_is_a_clear_error(tiny_backbone, tuned, tmp_path):

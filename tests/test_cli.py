@@ -6,7 +6,7 @@ import pytest
 
 from apt_lab.cli import main
 from apt_lab.config import APTConfig
-from apt_lab.pipeline import mean_metrics
+from apt_lab.metrics import mean_metrics
 
 METRICS = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"}
 

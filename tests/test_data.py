@@ -100,9 +100,15 @@ def test_mvtec_layout_items_and_values(mvtec_root):
     assert [it.label for it in ds.test] == [1, 1, 0]
 
 
-def test_single_category_default_and_multi_category_error(mvtec_root, tmp_path):
+def test_single_category_default_and_multi_category_error(mvtec_root):
+    import shutil
+
     with pytest.raises(ValueError, match="has 2 categories; pass category= one of: gadget, widget"):
         load_dataset("mvtec", mvtec_root)
+    shutil.rmtree(mvtec_root / "gadget")  # one category left: it is the default
+    ds = load_dataset("mvtec", mvtec_root)
+    assert (ds.category, len(ds.train), len(ds.test)) == ("widget", 3, 3)
+    assert all(Path(p).parent.parent.parent.name == "widget" for p in ds.train.paths + ds.test.paths)
 
 
 def test_batch_helpers_resize_whole_image(mvtec_root):

@@ -53,7 +53,8 @@ def runs(tiny_backbone, demo):
     """Three seeds of 200 tuning steps: (in-kind AUROC, scratch pixel AUROC) before and after, and the losses."""
     out = []
     for seed in SEEDS:
-        config = APTConfig.preset("quick", train__steps=200, train__seed=seed)
+        config = APTConfig.preset("quick", train__steps=200, train__pool_size=32, train__batch_size=16,
+                                 train__seed=seed)  # the measured setting of the first version
         before = _evaluate(tiny_backbone, PromptLearner(tiny_backbone, config.prompts, seed=seed), demo, config)
         result = tune_prompts(tiny_backbone, demo[0], config, progress=False)
         after = _evaluate(tiny_backbone, result.prompts, demo, config)
@@ -63,9 +64,15 @@ def runs(tiny_backbone, demo):
     return out
 
 
-def test_quick_preset_scores_images_by_their_map_maximum():
+def test_quick_preset_scores_images_by_their_map_maximum(tiny_backbone, demo):
     # random CLS tokens carry almost no local evidence; the map maximum does (method.md's fusion option)
-    assert APTConfig.preset("quick").score.fuse_map_max == 1.0
+    config = APTConfig.preset("quick")
+    prompts = PromptLearner(tiny_backbone, config.prompts, seed=0)
+    images = torch.cat([demo[1][:3], demo[1][-3:]])  # 3 clean, 3 perturbed
+    scores = score(tiny_backbone, prompts, images, config)
+    assert torch.allclose(scores.image_scores, scores.anomaly_maps.flatten(1).amax(1), rtol=0, atol=1e-6)
+    cls_only = score(tiny_backbone, prompts, images, config.replace(score__fuse_map_max=0.0)).image_scores
+    assert (scores.image_scores - cls_only).abs().max() > 1e-3  # the two rules differ here, so the check above bites
 
 
 @pytest.mark.slow

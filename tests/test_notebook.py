@@ -1,9 +1,12 @@
 """apt_lab.notebook.setup: mode choice, quick-mode config, data selection, loud fallback to random weights."""
+import types
+
 import pytest
 import torch
 
 import apt_lab
-from apt_lab.notebook import QUICK_OVERRIDES, choose_mode, setup
+from apt_lab.config import APTConfig
+from apt_lab.notebook import choose_mode, setup
 
 
 def test_choose_mode(monkeypatch):
@@ -24,7 +27,8 @@ def test_quick_session_prints_and_loads(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "mode: quick" in out and "seed 3" in out and "torch" in out and "preset: quick" in out
     assert session.quick and session.config.train.seed == 3 and session.dataset_name == "demo"
-    assert session.config.train.steps == QUICK_OVERRIDES["train__steps"] and session.config.backbone.name == "apt-tiny"
+    assert session.config == APTConfig.preset("quick", train__seed=3)  # quick mode is exactly the quick preset
+    assert session.k == session.config.train.k_shot == 2
     backbone = session.backbone()
     assert backbone is session.backbone()  # cached
     assert "brick" in session.categories() and session.dataset("brick").category == "brick"
@@ -34,16 +38,17 @@ def test_full_mode_falls_back_loudly_to_random_weights(monkeypatch, capsys):
     monkeypatch.delenv("APT_LAB_DATASET", raising=False)
     session = setup(mode="full", preset="quick", verbose=False, backbone__pretrained="openai")
     calls = []
+    random_backbone = types.SimpleNamespace(name="apt-tiny", fallback_reason=None)
 
     def fake_load(name, pretrained=None, **kwargs):
         calls.append(pretrained)
         if pretrained is not None:
             raise apt_lab.WeightsUnavailableError("offline (test)")
-        return "random-backbone"
+        return random_backbone
 
     monkeypatch.setattr(apt_lab.backbone, "load_backbone", fake_load)
     with pytest.warns(UserWarning, match="random weights"):
-        assert session.backbone() == "random-backbone"
+        assert session.backbone() is random_backbone
     assert calls == ["openai", None]
     assert "RANDOM WEIGHTS" in capsys.readouterr().err
 

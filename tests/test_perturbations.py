@@ -5,9 +5,9 @@ import torch
 import apt_lab
 from apt_lab.blobs import area_bounds, random_blob
 from apt_lab.config import APTConfig, PerturbConfig
-from apt_lab.perturbations import (Perturbation, foreground_from_similarity, get_perturbation, list_perturbations,
-                                   otsu_threshold, patch_mask, perturb, perturb_features, region_of_interest,
-                                   register_perturbation, unregister_perturbation)
+from apt_lab.perturbations import (Perturbation, get_perturbation, list_perturbations, patch_mask, perturb,
+                                   perturb_features, register_perturbation, unregister_perturbation)
+from apt_lab.roi import foreground_from_similarity, otsu_threshold, region_of_interest
 
 S = 64  # small images keep the pixel-level tests fast; patch 16 → 4x4 grid
 
@@ -259,7 +259,6 @@ def test_generator_returning_an_empty_mask_is_an_error(images):
 def test_region_of_interest_reuses_given_features_without_a_second_encoder_pass(monkeypatch):
     import apt_lab
     from apt_lab.config import APTConfig
-    from apt_lab.perturbations import region_of_interest
 
     backbone = apt_lab.load_backbone("apt-tiny", device="cpu")
     images = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))

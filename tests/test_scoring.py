@@ -8,9 +8,9 @@ import torch.nn.functional as F
 import apt_lab
 from apt_lab.backbone import ImageFeatures
 from apt_lab.config import APTConfig
-from apt_lab.scoring import (ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, Scores, anomaly_maps, anomaly_probabilities,
-                             build_memory, gaussian_blur, gaussian_kernel, human_prompt_features,
-                             human_prompt_sentences, memory_distances, patch_logits, score)
+from apt_lab.baselines import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, human_prompt_features, human_prompt_sentences
+from apt_lab.scoring import (Scores, anomaly_maps, anomaly_probabilities, build_memory, gaussian_blur, gaussian_kernel,
+                             memory_distances, patch_logits, score)
 
 
 def rng(seed=0):

@@ -8,8 +8,9 @@ import torch
 from apt_lab.config import APTConfig, TrainConfig
 from apt_lab.perturbations import perturb
 from apt_lab.scoring import anomaly_probabilities
-from apt_lab.tuning import (HISTORY_KEYS, StopTraining, TrainingDivergedError, dice_loss, focal_loss, image_loss,
-                            task_loss, tune_prompts)
+from apt_lab.errors import StopTraining, TrainingDivergedError
+from apt_lab.losses import dice_loss, focal_loss, image_loss, task_loss
+from apt_lab.tuning import HISTORY_KEYS, tune_prompts
 
 DEMO = Path(__file__).resolve().parents[1] / "apt_lab" / "data" / "demo"
 
@@ -127,11 +128,11 @@ def test_tuned_prompts_find_the_perturbed_patches(tiny_backbone, shots, run):
 
 
 def test_pool_targets_are_the_patch_masks_and_feature_entries_keep_cls(tiny_backbone, shots):
-    from apt_lab.tuning import _perturbed_set
+    from apt_lab.tuning import _perturbed_examples
 
     cfg = config(perturb__region="image")
     clean = tiny_backbone.encode_images(shots)
-    pool = _perturbed_set(tiny_backbone, shots, clean, None, 6, 0, cfg, torch.Generator().manual_seed(3), 0.5)
+    pool = _perturbed_examples(tiny_backbone, shots, clean, None, 6, 0, cfg, torch.Generator().manual_seed(3), 0.5)
     out = perturb(shots[torch.arange(6) % 4], cfg, torch.Generator().manual_seed(3), backbone=tiny_backbone)
     assert torch.equal(pool.targets, out.patch_masks.flatten(1).float())  # same draws → the same masks
     assert pool.labels.tolist() == [1] * 6 and pool.weights.tolist() == [1, 1, 1, 0, 0, 0]
@@ -209,11 +210,11 @@ def test_per_category_logits_keep_batch_order(tiny_backbone, shots):
     from apt_lab.config import PromptConfig
     from apt_lab.prompts import PromptLearner
     from apt_lab.scoring import patch_logits
-    from apt_lab.tuning import _clean_set, _logits, _Set
+    from apt_lab.tuning import Examples, _clean_examples, _logits
 
     learner = PromptLearner(tiny_backbone, PromptConfig(per_category=True), categories=["a", "b"])
     features = tiny_backbone.encode_images(shots)
-    batch = _Set.cat([_clean_set(features[i:i + 1], group) for i, group in enumerate([1, 0, 1, 0])])
+    batch = Examples.cat([_clean_examples(features[i:i + 1], group) for i, group in enumerate([1, 0, 1, 0])])
     cls, patches, _ = _logits(learner, batch, 0.07)
     for i, group in enumerate([1, 0, 1, 0]):
         want_cls, want_patches = patch_logits(features[i:i + 1], learner.text_features(group), 0.07)
@@ -241,6 +242,13 @@ def test_periodic_meta_records_held_out_loss(tiny_backbone, shots):
     assert result.meta.anchors >= 1 and result.history[1]["meta_drift"] > 0
 
 
-def test_cosine_meta_loss_runs(tiny_backbone, shots):
-    result = tune_prompts(tiny_backbone, shots, small(train__steps=3, smgs__meta_loss="cosine"), progress=False)
-    assert all(0 <= r["meta_loss"] <= 2 for r in result.history)
+def test_cosine_meta_loss_is_one_minus_cos_of_learned_and_meta_prompts(tiny_backbone, shots):
+    from apt_lab.prompts import PromptLearner
+
+    cfg = small(train__steps=3, smgs__meta_loss="cosine")
+    result = tune_prompts(tiny_backbone, shots, cfg, progress=False)
+    # step 0 scores the untouched prompts (the run's seeded init) against the initial meta-prompt
+    with torch.no_grad():
+        learned = PromptLearner(tiny_backbone, cfg.prompts, seed=cfg.train.seed).text_features()  # (2, D)
+        cos = torch.nn.functional.cosine_similarity(learned, result.meta.initial, dim=-1)  # (2,) normal, anomalous
+    assert result.history[0]["meta_loss"] == pytest.approx(float((1 - cos).mean()), abs=1e-6)

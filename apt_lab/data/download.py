@@ -27,6 +27,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from ..errors import ManualDownloadRequired
+
 TIMEOUT_S = 30
 _CHUNK = 1 << 20
 VISA_SPLIT_URL = "https://raw.githubusercontent.com/amazon-science/spot-diff/main/split_csv/1cls.csv"
@@ -52,10 +54,6 @@ KNOWN_DOWNLOADS = {
     "btad": {"url": "https://avires.dimi.uniud.it/papers/btad/btad.zip", "sha256": None},
     "mpdd": {"url": None, "sha256": None, "manual": _MPDD_MANUAL},
 }
-
-
-class ManualDownloadRequired(RuntimeError):
-    """The dataset needs a manual step (licence form, Google Drive); the message says which."""
 
 
 def download(name: str, root: str | os.PathLike, *, url: str | None = None,

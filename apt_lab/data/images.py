@@ -16,11 +16,13 @@ Conventions (used by every reader in `apt_lab.data`):
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile
+
+if TYPE_CHECKING:  # annotations only: listing a dataset never imports torch
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -68,6 +70,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """Convert a PIL image of any mode to float32 RGB ``(3, H, W)`` in [0, 1] (rules: module doc)."""
+    import torch
+
     if img.mode in _SIXTEEN_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64) / 65535.0            # (H, W)
         arr = np.repeat(arr[None], 3, axis=0)                        # (3, H, W)
@@ -87,6 +91,8 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
     """Read a ground-truth mask as bool ``(H, W)``; anomalous where any colour channel is > 0."""
+    import torch
+
     img = _open_fully(path, "mask")
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
@@ -115,6 +121,8 @@ def resize_images(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     Returns:
         float32 ``(B, 3, size, size)``, clamped to [0, 1] (bicubic overshoots at edges).
     """
+    import torch.nn.functional as F
+
     if x.ndim != 4:
         raise ValueError(f"resize_images expects (B, 3, H, W); got shape {tuple(x.shape)}. "
                          f"Add a batch dimension with x[None] for a single image.")
@@ -137,10 +145,13 @@ def resize_masks(m: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
         bool ``(B, size, size)``.
 
     Example:
+        >>> import torch
         >>> m = torch.tensor([[[True, False], [False, False]]])
         >>> resize_masks(m, 4).int()[0].tolist()
         [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     """
+    import torch.nn.functional as F
+
     if m.ndim != 3:
         raise ValueError(f"resize_masks expects (B, H, W); got shape {tuple(m.shape)}. "
                          f"Add a batch dimension with m[None] for a single mask.")

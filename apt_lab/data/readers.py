@@ -11,11 +11,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from ..env import env_text
+from .images import (
+    IMAGE_EXTENSIONS,
+    image_size,
+    is_image_file,
+    read_image,
+    read_mask,
+    resize_images,
+    resize_masks,
+)
 
-from .images import (IMAGE_EXTENSIONS, image_size, is_image_file, read_image, read_mask,
-                     resize_images, resize_masks)
+if TYPE_CHECKING:  # annotations only: listing a dataset never imports torch
+    import torch
 
 DATASET_NAMES = ("mvtec", "visa", "btad", "mpdd", "folder", "demo")
 DEMO_ROOT = Path(__file__).resolve().parent / "demo"
@@ -88,6 +98,8 @@ class Split(Sequence):
                             f"Use split.images(size, indices) for a batch.") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {self!r}")
+        import torch
+
         rec = self._records[i]
         image = read_image(rec.path)                                  # (3, H, W)
         h, w = image.shape[-2:]
@@ -103,6 +115,8 @@ class Split(Sequence):
     @property
     def labels(self) -> torch.Tensor:
         """Image labels, ``torch.long (N,)``: 0 normal, 1 anomalous."""
+        import torch
+
         return torch.tensor([r.label for r in self._records], dtype=torch.long)
 
     @property
@@ -125,7 +139,7 @@ class Split(Sequence):
     def _indices(self, indices) -> list[int]:
         if indices is None:
             return list(range(len(self)))
-        out = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+        out = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
         bad = [i for i in out if not -len(self) <= i < len(self)]
         if bad:
             raise IndexError(f"indices {bad[:5]} out of range for {self!r}")
@@ -137,6 +151,8 @@ class Split(Sequence):
         Returns:
             float32 ``(B, 3, size, size)`` in [0, 1].
         """
+        import torch
+
         idx = self._indices(indices)
         out = torch.empty(len(idx), 3, size, size)                    # (B, 3, size, size)
         for j, i in enumerate(idx):
@@ -153,6 +169,8 @@ class Split(Sequence):
         """
         if not self.has_masks:
             return None
+        import torch
+
         idx = self._indices(indices)
         out = torch.zeros(len(idx), size, size, dtype=torch.bool)      # (B, size, size)
         for j, i in enumerate(idx):
@@ -191,13 +209,29 @@ def _check_mask_size(rec: _Record, image_wh: tuple[int, int], mask_wh: tuple[int
 
 
 # --- listing helpers -----------------------------------------------------------------------------
-def default_root(name: str) -> Path:
-    """Where a dataset lives when ``root`` is not given: the packaged demo, else
-    ``$APT_LAB_DATA/<name>`` (default ``~/.cache/apt_lab/<name>``)."""
+def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The one resolver of where a dataset lives.
+
+    ``root`` when given; the packaged photos for ``"demo"``; else under ``$APT_LAB_DATA`` (default
+    ``~/.cache/apt_lab``): ``<APT_LAB_DATA>/<name>``, or ``$APT_LAB_DATA`` itself when it already is that dataset's
+    folder (it holds ``<category>/train/``, or VisA's ``split_csv/``).
+    """
+    if root is not None:
+        return Path(root).expanduser()
     if name == "demo":
         return DEMO_ROOT
-    base = os.environ.get("APT_LAB_DATA", os.path.join("~", ".cache", "apt_lab"))
-    return Path(base).expanduser() / name
+    base = Path(env_text("APT_LAB_DATA", os.path.join("~", ".cache", "apt_lab"))).expanduser()
+    if not (base / name).is_dir() and _is_dataset_folder(name, base):
+        return base
+    return base / name
+
+
+def _is_dataset_folder(name: str, folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    if name == "visa":
+        return (folder / "split_csv").is_dir()
+    return any((child / "train").is_dir() for child in folder.iterdir() if child.is_dir())
 
 
 def _check_name(name: str) -> str:
@@ -358,7 +392,7 @@ def _list_folder(root: Path, category: str) -> tuple[list[_Record], list[_Record
 def list_categories(name: str, root: str | os.PathLike | None = None) -> list[str]:
     """Category names available for dataset ``name`` under ``root``."""
     name = _check_name(name)
-    root = _check_root(name, Path(root) if root is not None else default_root(name))
+    root = _check_root(name, dataset_root(name, root))
     if name == "visa":
         return sorted({row["object"] for row in _visa_rows(root)})
     if name == "folder":
@@ -381,7 +415,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
         A `Dataset` with ``train`` and ``test`` `Split`s.
     """
     name = _check_name(name)
-    root = _check_root(name, Path(root) if root is not None else default_root(name))
+    root = _check_root(name, dataset_root(name, root))
     if name == "folder":
         category = category or root.name
         train, test = _list_folder(root, category)

@@ -1,0 +1,192 @@
+"""Stamp and check the cells every notebook shares, and strip outputs (notebooks are committed clean).
+
+Usage: python scripts/notebooks.py [--check] [NOTEBOOK ...]     (default: notebooks/*.ipynb)
+
+The notebooks are the source: edit them in JupyterLab (or any editor) and commit them. This script owns only
+what all of them share, written once below — the Colab badge line of the header (cell 0), the install cell
+(cell 1) and the setup cell (cell 3) — and it strips outputs, execution counts and volatile metadata (outputs
+hold megabytes of plotly.js and change on every run; nbval executes the notebooks from clean in ``make test``).
+Everything else in a notebook (its text, its other cells, cell ids, JupyterLab's cell metadata) is left alone.
+
+Without ``--check`` it fixes the notebooks in place; with ``--check`` it changes nothing and exits 1, naming
+each notebook and what differs.
+
+Forks: change REPO (and BRANCH) below and run this script once; the badges and install cells follow.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+import nbformat
+
+REPO = "apt-lab/apt_lab"  # GitHub owner/name the Colab badges and the install cell point at
+BRANCH = "main"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+BADGE_START = "[![Open In Colab]"
+BADGE = (BADGE_START + "(https://colab.research.google.com/assets/colab-badge.svg)]"
+         "(https://colab.research.google.com/github/{repo}/blob/{branch}/notebooks/{name})")
+
+INSTALL = f'''# Colab only: install apt_lab (a no-op everywhere else, e.g. in a clone with `make install`).
+import subprocess
+import sys
+
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "apt-lab @ git+https://github.com/{REPO}"],
+                   check=True)'''
+
+SETUP = '''# The same imports in every notebook (hence the noqa: a notebook may leave one of them unused).
+import torch  # noqa: F401
+
+import apt_lab  # noqa: F401
+from apt_lab import plots, widgets  # noqa: F401
+from apt_lab.notebook import setup
+
+session = setup(seed=0)      # quick mode on a CPU (or APT_LAB_QUICK=1), full mode on a GPU
+config = session.config
+backbone = session.backbone()
+backbone'''
+
+SHARED_CODE_CELLS = {1: ("install cell", "INSTALL", INSTALL), 3: ("setup cell", "SETUP", SETUP)}
+VOLATILE_NOTEBOOK_METADATA = ("widgets", "execution", "varInspector")
+VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled")
+
+
+def badge(name: str) -> str:
+    """The Colab badge line of notebook file ``name`` (e.g. ``04_score.ipynb``)."""
+    return BADGE.format(repo=REPO, branch=BRANCH, name=name)
+
+
+def _diff(found: str, expected: str) -> str:
+    lines = difflib.unified_diff(found.splitlines(), expected.splitlines(), "in the notebook", "template",
+                                 lineterm="", n=0)
+    return "\n".join("      " + line for line in list(lines)[:12])
+
+
+def _resembles(source: str, template: str) -> bool:
+    """Whether ``source`` is a drifted copy of ``template`` (safe to overwrite) rather than some other cell.
+
+    Other notebook cells score below 0.1 against the templates; an edited shared cell stays well above 0.5.
+    """
+    return difflib.SequenceMatcher(None, source, template).ratio() >= 0.5
+
+
+def _stamp_badge(header: nbformat.NotebookNode, name: str) -> str | None:
+    """Put the badge line into the header cell; returns what was wrong, or None."""
+    expected = badge(name)
+    lines = header.source.split("\n")
+    found = [i for i, line in enumerate(lines) if line.startswith(BADGE_START)]
+    if found and lines[found[0]] == expected:
+        return None
+    if found:
+        problem = f"Colab badge line in the header (cell 0) differs:\n      found    {lines[found[0]]}\n" \
+                  f"      expected {expected}"
+        lines[found[0]] = expected
+    else:
+        problem = "no Colab badge line in the header (cell 0)"
+        lines[1:1] = ["", expected]  # under the title line
+    header.source = "\n".join(lines)
+    return problem
+
+
+def tidy(nb: nbformat.NotebookNode, name: str) -> tuple[list[str], list[str]]:
+    """Stamp the shared cells and strip ``nb`` in place.
+
+    Returns (fixed, unfixable): what was wrong and has been fixed in ``nb``, and what needs a person (a shared
+    cell missing, or a cell in its place that is not like it: inserting or overwriting a cell could destroy
+    someone's work, so the script never does).
+    """
+    fixed, unfixable = [], []
+    cells = nb.cells
+    if not cells or cells[0].cell_type != "markdown":
+        unfixable.append("cell 0 should be the markdown header (title, Colab badge, what you will learn)")
+    else:
+        problem = _stamp_badge(cells[0], name)
+        if problem:
+            fixed.append(problem)
+    for index, (what, constant, template) in SHARED_CODE_CELLS.items():
+        if index >= len(cells) or cells[index].cell_type != "code":
+            kind = cells[index].cell_type if index < len(cells) else "no"
+            unfixable.append(f"cell {index} should be the {what} (code, {constant} in scripts/notebooks.py), found "
+                             f"a {kind} cell; was a cell inserted or deleted above it? Put the {what} back at "
+                             f"position {index} in JupyterLab, then run this script")
+        elif not _resembles(cells[index].source, template):
+            unfixable.append(f"cell {index} should be the {what} ({constant} in scripts/notebooks.py), found a code "
+                             f"cell that is not like it (left alone: it may be someone's code); was a cell inserted "
+                             f"or deleted above it? Put the {what} back at position {index}, then run this script")
+        elif cells[index].source != template:
+            fixed.append(f"{what} (cell {index}) differs from {constant} in scripts/notebooks.py:\n"
+                         f"{_diff(cells[index].source, template)}")
+            cells[index].source = template
+    for key in VOLATILE_NOTEBOOK_METADATA:
+        if nb.metadata.pop(key, None) is not None:
+            fixed.append(f"notebook metadata {key!r}")
+    outputs, counts, metadata = [], [], {key: [] for key in VOLATILE_CELL_METADATA}
+    for index, cell in enumerate(cells):
+        for key in VOLATILE_CELL_METADATA:
+            if cell.metadata.pop(key, None) is not None:
+                metadata[key].append(index)
+        if cell.cell_type == "code":
+            if cell.outputs:
+                outputs.append(index)
+            if cell.execution_count is not None:
+                counts.append(index)
+            cell.outputs, cell.execution_count = [], None
+    if outputs:
+        fixed.append(f"outputs in cells {', '.join(map(str, outputs))} (notebooks are committed without outputs)")
+    if counts:
+        fixed.append(f"execution counts in cells {', '.join(map(str, counts))}")
+    for key, where in metadata.items():
+        if where:
+            fixed.append(f"cell metadata {key!r} in cells {', '.join(map(str, where))}")
+    return fixed, unfixable
+
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
+    parser.add_argument("--check", action="store_true", help="report what differs and exit 1; change nothing")
+    args = parser.parse_args(argv)
+    paths = args.notebooks or sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    if not paths:
+        print(f"no notebooks found in {NOTEBOOK_DIR}", file=sys.stderr)
+        return 1
+    failed, changed = False, 0
+    for path in paths:
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except Exception as error:  # missing file, not JSON, not a notebook
+            print(f"{_shown(path)}: cannot read it as a notebook: {error}", file=sys.stderr)
+            failed = True
+            continue
+        fixed, unfixable = tidy(nb, path.name)
+        for problem in unfixable:
+            print(f"{_shown(path)}: {problem}", file=sys.stderr)
+        failed |= bool(unfixable)
+        if fixed and args.check:
+            for problem in fixed:
+                print(f"{_shown(path)}: {problem}", file=sys.stderr)
+            failed = True
+        elif fixed:
+            nbformat.write(nb, path)
+            changed += 1
+            print(f"fixed {_shown(path)}: " + "; ".join(problem.splitlines()[0].rstrip(":") for problem in fixed))
+    if failed and args.check:
+        print("run `python scripts/notebooks.py` to stamp the shared cells and strip outputs in place",
+              file=sys.stderr)
+    elif not args.check:
+        print(f"{changed} of {len(paths)} notebooks changed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
