@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -34,6 +35,26 @@ from .weights import create_model, resolve_weights
 # CLIP's mean/std; every open_clip tag apt_lab presets use shares them.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# backbone.precision → dtype of the image tower. The text tower stays float32 in every mode: prompt gradients flow
+# through it (no half-precision op on the gradient path, so fp16 needs no loss scaling) and with prompts cut at the
+# end token it costs little next to the image tower.
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(precision: str | None, device: torch.device) -> str:
+    """None → "bf16" on CUDA, "fp32" elsewhere; a named precision is checked and returned.
+
+    Example:
+        >>> cpu, cuda = torch.device("cpu"), torch.device("cuda")
+        >>> pick_precision(None, cpu), pick_precision(None, cuda), pick_precision("tf32", cpu)
+        ('fp32', 'bf16', 'tf32')
+    """
+    if precision is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {list(PRECISIONS)} (config.backbone.precision), "
+                         "or None for bf16 on CUDA and fp32 on the CPU")
+    return precision
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -63,24 +84,25 @@ class ImageFeatures:
         cls: (B, D) the pooled image embedding (what ``encode_image`` returns, normalised).
         patches: (L, B, N, D) patch tokens of the L tapped blocks, each through ``ln_post`` and ``proj``.
         grid: (h, w) patch grid, h * w == N.
+        locality_radius: the locality-aware attention radius they were encoded with (0 = plain attention).
     """
 
     cls: torch.Tensor
     patches: torch.Tensor
     grid: tuple[int, int]
+    locality_radius: int = 0
 
     def to(self, device) -> "ImageFeatures":
-        return ImageFeatures(self.cls.to(device), self.patches.to(device), self.grid)
+        return ImageFeatures(self.cls.to(device), self.patches.to(device), self.grid, self.locality_radius)
 
     def __getitem__(self, index) -> "ImageFeatures":
         """Select images: ``features[2:5]`` or ``features[tensor_of_indices]``."""
-        return ImageFeatures(self.cls[index], self.patches[:, index], self.grid)
+        return ImageFeatures(self.cls[index], self.patches[:, index], self.grid, self.locality_radius)
 
     @staticmethod
     def cat(items: Sequence["ImageFeatures"]) -> "ImageFeatures":
-        return ImageFeatures(
-            torch.cat([f.cls for f in items]), torch.cat([f.patches for f in items], dim=1), items[0].grid
-        )
+        return ImageFeatures(torch.cat([f.cls for f in items]), torch.cat([f.patches for f in items], dim=1),
+                             items[0].grid, items[0].locality_radius)
 
 
 class Backbone:
@@ -92,11 +114,16 @@ class Backbone:
         layers: 1-based vision blocks whose patch tokens ``encode_images`` returns.
         image_size: side S of the square input; ``grid`` = (S // patch, S // patch); ``embed_dim`` = D.
         context_length: text positions of the model (77 for CLIP).
+        precision: "fp32", "tf32", "bf16" or "fp16" (:data:`PRECISIONS`); ``dtype`` is the image tower's dtype.
+            Features, text embeddings and everything computed from them are float32 whatever the precision.
+        images_encoded: how many images went through the image tower (encoder passes) since loading.
     """
 
     def __init__(self, model, name: str, pretrained: str | None, pretrained_loaded: bool,
-                 layers: Sequence[int] | None, device: torch.device, mean=OPENAI_MEAN, std=OPENAI_STD):
-        if not hasattr(model, "token_embedding") or not hasattr(model.visual, "conv1"):
+                 layers: Sequence[int] | None, device: torch.device, mean=OPENAI_MEAN, std=OPENAI_STD,
+                 precision: str | None = None):
+        if not (hasattr(model, "token_embedding") and hasattr(model.visual, "conv1")
+                and hasattr(model.visual, "transformer")):
             raise UnknownBackboneError(
                 f"backbone {name!r} is not a ViT CLIP with open_clip's built-in text transformer; apt_lab "
                 "needs both (patch tokens and injectable prompt embeddings). Use e.g. 'ViT-B-16', "
@@ -106,6 +133,9 @@ class Backbone:
         self.fallback_reason: str | None = None  # set when load_backbone_from_config fell back to random weights
         self.device = device
         self.dtype = model.visual.conv1.weight.dtype  # the image tower's; open_clip keeps some parameters fp32
+        self.precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        self.images_encoded = 0  # images through the image tower so far (encoder passes; benchmarks count them)
+        self._known: list[tuple] = []  # (images, version, locality radius, features) from reuse_features
         visual = model.visual
         depth = len(visual.transformer.resblocks)
         self.layers = tuple(layers) if layers is not None else default_layers(depth)
@@ -126,7 +156,60 @@ class Backbone:
     def __repr__(self) -> str:
         weights = self.pretrained if self.pretrained_loaded else "random weights"
         return (f"Backbone({self.name}, {weights}, image_size={self.image_size}, grid={self.grid}, "
-                f"embed_dim={self.embed_dim}, layers={self.layers}, device={self.device})")
+                f"embed_dim={self.embed_dim}, layers={self.layers}, device={self.device}, precision={self.precision})")
+
+    def signature(self) -> dict:
+        """What the image features depend on, for cache keys: architecture, weights, input size, taps, precision.
+
+        ``weights`` fingerprints the image tower's patch embedding and projection, so other weights under the same
+        name (another checkpoint file, another random init) never share a key.
+        """
+        import hashlib
+
+        visual = self.model.visual
+        digest = hashlib.sha256()
+        for tensor in (visual.conv1.weight, visual.proj):
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return {"name": self.name, "pretrained": str(self.pretrained), "image_size": self.image_size,
+                "layers": list(self.layers), "precision": self.precision, "weights": digest.hexdigest()[:16]}
+
+    @contextlib.contextmanager
+    def _fast_matmul(self):
+        """TF32 for float32 matrix products inside the encoders, unless the precision is strict "fp32"."""
+        if self.precision == "fp32" or self.device.type != "cuda":
+            yield
+            return
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    @contextlib.contextmanager
+    def reuse_features(self, images: torch.Tensor, features: "ImageFeatures", locality_radius: int = 0):
+        """Inside the block, encoding this very tensor (same object, unmodified) returns ``features`` — no pass.
+
+        How the pipeline hands features it already holds (the clean shots) to code that encodes its inputs itself,
+        such as ``tune_prompts``. Any other tensor, or this one after an in-place change, is encoded as usual.
+
+        Example:
+            >>> b = load_backbone("apt-tiny")
+            >>> x = torch.rand(2, 3, 224, 224)
+            >>> f = b.encode_batched(x)
+            >>> with b.reuse_features(x, f):
+            ...     same = b.encode_batched(x)
+            >>> same is f, b.images_encoded
+            (True, 2)
+        """
+        if features.cls.shape[0] != images.shape[0]:
+            raise ValueError(f"reuse_features: {features.cls.shape[0]} features for {images.shape[0]} images")
+        entry = (images, images._version, int(locality_radius), features)
+        self._known.append(entry)
+        try:
+            yield
+        finally:
+            self._known.remove(entry)
 
     # ----------------------------------------------------------------------------------------- images
     def preprocess(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:
@@ -153,8 +236,8 @@ class Backbone:
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels in [0, 1] → the model's normalised input."""
-        return ((x.to(self.device, self.dtype) - self.mean) / self.std).to(self.dtype)
+        """(B, 3, S, S) pixels in [0, 1] → the model's normalised input, in the image tower's dtype."""
+        return ((x.to(self.device, torch.float32) - self.mean) / self.std).to(self.dtype)
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, locality_radius: int = 0, locality_blocks: int = 1) -> ImageFeatures:
@@ -177,21 +260,28 @@ class Backbone:
             hooks = [block.register_forward_pre_hook(local_attention, with_kwargs=True)
                      for block in visual.transformer.resblocks[-locality_blocks:]]
         try:
-            out = visual.forward_intermediates(self.normalize(x), indices=[layer - 1 for layer in self.layers],
-                                               normalize_intermediates=True, output_fmt="NLC")
+            with self._fast_matmul():
+                out = visual.forward_intermediates(self.normalize(x), indices=[layer - 1 for layer in self.layers],
+                                                   normalize_intermediates=True, output_fmt="NLC")
+                patches = torch.stack(out["image_intermediates"]) @ visual.proj  # (L, B, N, D): ln_post, then proj
         finally:
             for hook in hooks:
                 hook.remove()
-        patches = torch.stack(out["image_intermediates"]) @ visual.proj  # (L, B, N, D): ln_post, then proj
+        self.images_encoded += x.shape[0]
         cls = out["image_features"]  # (B, D): ln_post on the CLS token, then proj
-        return ImageFeatures(F.normalize(cls.float(), dim=-1), F.normalize(patches.float(), dim=-1), self.grid)
+        return ImageFeatures(F.normalize(cls.float(), dim=-1), F.normalize(patches.float(), dim=-1), self.grid,
+                             locality_radius)
 
     def encode_batched(self, images: torch.Tensor, batch_size: int = 16, locality_radius: int = 0) -> ImageFeatures:
         """The one chunked encoder: (B, 3, H, W) pixels → features, ``batch_size`` images per pass.
 
         Images of another size are resized first (bicubic); each chunk moves to the device just before its pass,
-        so a large CPU tensor of pixels never lands on the GPU at once.
+        so a large CPU tensor of pixels never lands on the GPU at once. Inside :meth:`reuse_features` for this
+        tensor, its features come back without a pass.
         """
+        for known, version, radius, features in self._known:
+            if images is known and images._version == version and radius == locality_radius:
+                return features
         size = max(1, int(batch_size))
         chunks = [self.encode_images(self.resize(images[i:i + size]).to(self.device), locality_radius=locality_radius)
                   for i in range(0, images.shape[0], size)]
@@ -251,25 +341,28 @@ class Backbone:
         cast = model.transformer.get_cast_dtype()
         x = embeddings.to(cast) + model.positional_embedding[:length].to(cast)  # (P, C', W)
         mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-        if not deep_prompts:
-            x = model.transformer(x, attn_mask=mask)
-        else:
-            for index, block in enumerate(model.transformer.resblocks):
-                if 1 <= index <= len(deep_prompts):
-                    deep = deep_prompts[index - 1].to(cast)
-                    deep = deep.expand(x.shape[0], -1, -1) if deep.dim() == 2 else deep  # (P, n, W)
-                    x = torch.cat([x[:, :deep_start], deep, x[:, deep_start + deep.shape[1]:]], dim=1)
-                x = block(x, attn_mask=mask)
-        x = model.ln_final(x)  # (P, C', W)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # (P, W)
-        projection = model.text_projection
-        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection  # (P, D)
+        with self._fast_matmul():
+            if not deep_prompts:
+                x = model.transformer(x, attn_mask=mask)
+            else:
+                for index, block in enumerate(model.transformer.resblocks):
+                    if 1 <= index <= len(deep_prompts):
+                        deep = deep_prompts[index - 1].to(cast)
+                        deep = deep.expand(x.shape[0], -1, -1) if deep.dim() == 2 else deep  # (P, n, W)
+                        x = torch.cat([x[:, :deep_start], deep, x[:, deep_start + deep.shape[1]:]], dim=1)
+                    x = block(x, attn_mask=mask)
+            x = model.ln_final(x)  # (P, C', W)
+            x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # (P, W)
+            projection = model.text_projection
+            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection  # (P, D)
+        x = x.float()
         return F.normalize(x, dim=-1) if normalize else x
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Texts → (T, D) embeddings, identical to open_clip's ``encode_text``."""
-        return self.model.encode_text(self.tokenize(texts), normalize=normalize).float()
+        with self._fast_matmul():
+            return self.model.encode_text(self.tokenize(texts), normalize=normalize).float()
 
 
 def check_pixels(x: torch.Tensor, name: str, size: int | None = None) -> None:
@@ -293,7 +386,7 @@ def check_pixels(x: torch.Tensor, name: str, size: int | None = None) -> None:
 
 def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device: str | torch.device | None = None,
                   image_size: int | None = None, layers: Sequence[int] | None = None,
-                  precision: str = "fp32", cache_dir: str | None = None, init_seed: int = 0) -> Backbone:
+                  precision: str | None = None, cache_dir: str | None = None, init_seed: int = 0) -> Backbone:
     """Build a frozen backbone from an open_clip name and pretrained tag (or checkpoint file, or None).
 
     Args:
@@ -303,7 +396,9 @@ def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device:
         image_size: run at another input size (e.g. 518 for ViT-L-14-336); positional embeddings are
             resized when weights load, as open_clip does.
         layers: 1-based vision blocks to tap; None = four evenly spaced blocks (ViT-L: 6, 12, 18, 24).
-        precision: "fp32" (default, and always on CPU), "fp16" or "bf16" on a GPU.
+        precision: the image tower's arithmetic: "fp32", "tf32" (float32 weights, TF32 matrix products on
+            CUDA), "bf16" or "fp16" (weights cast); None = "bf16" on CUDA, "fp32" on the CPU (bf16 and fp16 also
+            run on the CPU when asked for). The text tower, features, losses and scores stay float32.
         init_seed: seeds the random initialisation (what ``pretrained=None`` keeps), so random weights are the
             same in every process; the global torch RNG is left as it was.
 
@@ -315,14 +410,29 @@ def load_backbone(name: str = "apt-tiny", pretrained: str | None = None, device:
         close = [m for m in open_clip.list_models() if name.lower().split("-")[0] in m.lower()][:8]
         raise UnknownBackboneError(f"unknown backbone {name!r}. Try one of {close or ['ViT-B-16', 'ViT-L-14-336']}"
                                    " or see open_clip.list_models(); 'apt-tiny' is the small CPU test model.")
+    _check_towers(name)
     device = pick_device(device)
-    if device.type == "cpu":
-        precision = "fp32"
+    precision = pick_precision(precision, device)
     source = resolve_weights(name, pretrained, cache_dir)
-    model = create_model(name, pretrained, source, init_seed, precision=precision, device=device,
+    model = create_model(name, pretrained, source, init_seed, precision="fp32", device=device,
                          force_image_size=image_size, cache_dir=cache_dir)
+    model.visual.to(PRECISIONS[precision])  # the whole image tower, positional embeddings included
     mean, std = source.tag_config.get("mean", OPENAI_MEAN), source.tag_config.get("std", OPENAI_STD)
-    return Backbone(model, name, pretrained, pretrained is not None, layers, device, mean, std)
+    return Backbone(model, name, pretrained, pretrained is not None, layers, device, mean, std, precision)
+
+
+def _check_towers(name: str) -> None:
+    """Refuse, before building anything, an architecture without a ViT image tower and open_clip's text transformer
+    (ResNet "RN50", timm towers such as ConvNeXt or SigLIP, Hugging Face text towers)."""
+    cfg = open_clip.get_model_config(name) or {}
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if isinstance(vision.get("layers"), (list, tuple)) or vision.get("timm_model_name") or text.get("hf_model_name") \
+            or cfg.get("custom_text"):
+        raise UnknownBackboneError(
+            f"backbone {name!r} is not a ViT CLIP with open_clip's built-in text transformer (it has a "
+            f"{'ResNet' if isinstance(vision.get('layers'), (list, tuple)) else 'timm or custom'} tower); apt_lab needs "
+            "patch tokens from a ViT and injectable prompt embeddings. Use e.g. 'ViT-B-16', 'ViT-L-14-336', "
+            "'ViT-B-16-plus-240' or 'apt-tiny'.")
 
 
 def load_backbone_from_config(config, device: str | torch.device | None = None,

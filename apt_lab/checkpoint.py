@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .config import APTConfig, PromptConfig, SMGSConfig, section_from_dict
+from .errors import CorruptFileError
 from .prompts import PromptLearner
 from .smgs import MetaPrompt
 
@@ -108,7 +110,13 @@ def read_prompt_info(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"saved prompts incomplete: missing {missing}. save_prompts(result, "
                                 f"{str(tensor_file.with_suffix(''))!r}) writes both files; copy them together.")
-    info = json.loads(json_file.read_text())
+    try:
+        info = json.loads(json_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{json_file} is not valid JSON ({err}); the prompt file is corrupt or truncated. "
+                               "Copy it again, or re-save the prompts with save_prompts.") from None
+    if not isinstance(info, dict):
+        raise CorruptFileError(f"{json_file} holds JSON {type(info).__name__}, not an apt_lab prompt record.")
     if info.get("format") != FORMAT:
         raise ValueError(f"{json_file} is not an apt_lab prompt file (format={info.get('format')!r})")
     if info.get("format_version", 0) > FORMAT_VERSION:
@@ -131,10 +139,18 @@ def load_prompts(path: str | os.PathLike, backbone, with_meta: bool = False):
     Raises:
         FileNotFoundError: a file is missing (named). ValueError: a different backbone (both sides named).
     """
-    tensor_file, _ = prompt_files(path)
+    tensor_file, json_file = prompt_files(path)
     info = read_prompt_info(path)
+    missing = [key for key in ("backbone", "prompt_config") if not isinstance(info.get(key), dict)]
+    if missing:
+        raise CorruptFileError(f"{json_file} lacks {missing}; the prompt record is incomplete. Copy it again, or "
+                               "re-save the prompts with save_prompts.")
     _check_backbone(info["backbone"], backbone_info(backbone), tensor_file)
-    tensors = load_file(str(tensor_file), device="cpu")
+    try:
+        tensors = load_file(str(tensor_file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{tensor_file} cannot be read as safetensors ({err}); the file is corrupt or "
+                               "truncated. Copy it again, or re-save the prompts with save_prompts.") from None
     prompt_config = section_from_dict(PromptConfig, info["prompt_config"], f"{tensor_file}: prompt_config")
     learner = PromptLearner(backbone, prompt_config, categories=info.get("categories"), seed=info.get("seed", 0))
     expected = {f"ctx.{i}": p for i, p in enumerate(learner.ctx)}
@@ -151,6 +167,9 @@ def load_prompts(path: str | os.PathLike, backbone, with_meta: bool = False):
         return learner
     meta = None
     if info.get("meta") is not None and "meta.initial" in tensors:
+        if not isinstance(info["meta"], dict) or "smgs_config" not in info["meta"] or "meta.current" not in tensors:
+            raise CorruptFileError(f"{json_file}: the meta-prompt record is incomplete (needs meta.smgs_config and "
+                                   f"both meta tensors in {tensor_file.name}); re-save the prompts.")
         smgs = section_from_dict(SMGSConfig, info["meta"]["smgs_config"], f"{tensor_file}: smgs_config")
         meta = MetaPrompt(None, smgs, features=tensors["meta.initial"]).to(backbone.device)
         meta.current.copy_(tensors["meta.current"].to(meta.current))
@@ -178,11 +197,52 @@ def _check_backbone(saved: dict, current: dict, where: Path) -> None:
 
 
 def atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written checkpoint."""
+    """Write through a temporary file in the same folder, flushed to disk, then rename: a reader (or a process killed
+    at any moment, even by SIGKILL or a power cut) sees the old file or the new one, never a half-written one.
+
+    ``write(tmp)`` writes the temporary path ``<target>.tmp``.
+    """
+    target = Path(target)
     tmp = target.parent / (target.name + ".tmp")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, target)
+        _fsync(target.parent, directory=True)  # the rename itself survives a crash
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_if_changed(target: Path, data: str | bytes) -> bool:
+    """``data`` into ``target`` through :func:`atomic_write`, unless the file already holds exactly these bytes
+    (then nothing is touched, not even its modification time). Returns whether it wrote.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.csv"
+        >>> write_if_changed(path, "x,y\\n"), write_if_changed(path, "x,y\\n"), write_if_changed(path, "x,z\\n")
+        (True, False, True)
+    """
+    target = Path(target)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        if target.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write(target, lambda tmp: tmp.write_bytes(data))
+    return True
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # e.g. directories cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -3,6 +3,11 @@
 All functions accept numpy arrays or torch tensors and return Python floats. Scores and maps are
 "higher = more anomalous"; labels are 0 (normal) / 1 (anomalous); masks are bool or 0/1.
 
+Pixel AUROC, AP and F1-max come from one shared curve (true and false positives at every distinct
+score): one sort of the pixels for float32/float64 maps, and for float16 maps (how the pipeline keeps
+them) a count of pixels per float16 value — exact on those values, and streamed image by image
+(:class:`PixelCounts`), so a large test set never needs a float32 copy of every map at once.
+
 ``aupro`` implements the official MVTec AD definition exactly (vectorised: one sort of the normal
 pixels, no per-threshold loop);
 ``aupro(..., method="cflow200")`` is the 200-threshold approximation published by many CLIP
@@ -15,7 +20,8 @@ from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
-           "aupro", "pro_curve", "evaluate", "mean_metrics", "metric_rows", "format_metric", "METRIC_KEYS"]
+           "pixel_metrics", "PixelCounts", "aupro", "pro_curve", "evaluate", "mean_metrics", "metric_rows",
+           "format_metric", "METRIC_KEYS"]
 CFLOW_STEPS = 200
 
 
@@ -25,7 +31,8 @@ def _as_numpy(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} is None.")
     if hasattr(x, "detach"):                                  # torch tensor, any device / dtype
         x = x.detach().cpu()
-        x = x.float() if x.is_floating_point() and x.dtype != x.double().dtype else x
+        if x.is_floating_point() and str(x.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+            x = x.float()                                     # bfloat16 has no numpy dtype
         x = x.numpy()
     return np.asarray(x)
 
@@ -147,8 +154,7 @@ def pixel_auroc(anomaly_maps, masks) -> float:
         >>> pixel_auroc([[[0.1, 0.9], [0.8, 0.3]]], [[[0, 1], [0, 0]]])  # anomaly beats every normal
         1.0
     """
-    m, g = _pixel_inputs(anomaly_maps, masks)
-    return float(roc_auc_score(g.reshape(-1), m.reshape(-1)))
+    return pixel_metrics(anomaly_maps, masks)["pixel_auroc"]
 
 
 def pixel_ap(anomaly_maps, masks) -> float:
@@ -158,8 +164,7 @@ def pixel_ap(anomaly_maps, masks) -> float:
         >>> round(pixel_ap([[[0.1, 0.9], [0.95, 0.3]]], [[[0, 1], [0, 0]]]), 4)  # P = 1/2 at R = 1
         0.5
     """
-    m, g = _pixel_inputs(anomaly_maps, masks)
-    return float(average_precision_score(g.reshape(-1), m.reshape(-1)))
+    return pixel_metrics(anomaly_maps, masks)["pixel_ap"]
 
 
 def pixel_f1max(anomaly_maps, masks) -> float:
@@ -169,8 +174,149 @@ def pixel_f1max(anomaly_maps, masks) -> float:
         >>> round(pixel_f1max([[[0.1, 0.9], [0.95, 0.3]]], [[[0, 1], [0, 0]]]), 4)  # 2*0.5*1/1.5
         0.6667
     """
-    m, g = _pixel_inputs(anomaly_maps, masks)
-    return _f1max(g.reshape(-1), m.reshape(-1))
+    return pixel_metrics(anomaly_maps, masks)["pixel_f1max"]
+
+
+def pixel_metrics(anomaly_maps, masks) -> dict:
+    """Pixel AUROC, AP and F1-max from one shared curve; equal to sklearn's three functions on the same values.
+
+    float16 maps are counted per value (:class:`PixelCounts`, streamed image by image, no float32 copy);
+    other maps are sorted once.
+
+    Example:
+        >>> maps = [[[0.1, 0.9], [0.95, 0.3]]]
+        >>> {k: round(v, 4) for k, v in pixel_metrics(maps, [[[0, 1], [0, 0]]]).items()}
+        {'pixel_auroc': 0.6667, 'pixel_ap': 0.5, 'pixel_f1max': 0.6667}
+    """
+    m = _maps(_as_numpy(anomaly_maps, "anomaly_maps"), "anomaly_maps")
+    if m.dtype == np.float16:
+        return _streamed(m, masks, fpr_limit=None)
+    m, g = _pixel_inputs(m, masks)
+    return _curve_metrics(*_counts_by_sort(m, g))
+
+
+def _counts_by_sort(m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(anomalous, normal) pixel counts per distinct score, descending: one sort of all scores, one of the
+    (few) anomalous ones."""
+    scores, labels = m.reshape(-1), g.reshape(-1)
+    values = np.sort(scores)                                          # (N,) ascending
+    ends = np.append(np.flatnonzero(np.diff(values)), values.size - 1)  # (V,) last index of each distinct value
+    distinct, total = values[ends], np.diff(np.append(-1, ends))      # (V,), (V,) pixels per value
+    anomalous = np.sort(scores[labels])                                # (N1,)
+    pos = np.searchsorted(anomalous, distinct, "right") - np.searchsorted(anomalous, distinct, "left")
+    return pos[::-1], (total - pos)[::-1]
+
+
+def _curve_metrics(pos: np.ndarray, neg: np.ndarray) -> dict:
+    """AUROC (trapezoid: ties count one half), AP (sklearn's step-wise sum of precision × recall gain) and
+    F1-max from the anomalous / normal pixel counts at each distinct score, in descending score order."""
+    tps, fps = np.cumsum(pos, dtype=np.float64), np.cumsum(neg, dtype=np.float64)   # (V,) at score >= v
+    tpr = np.concatenate([[0.0], tps / tps[-1]])
+    fpr = np.concatenate([[0.0], fps / fps[-1]])
+    precision, recall = tps / (tps + fps), tps / tps[-1]
+    f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny)
+    return {"pixel_auroc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)),
+            "pixel_ap": float(np.sum(np.diff(tpr) * precision)),
+            "pixel_f1max": float(f1.max())}
+
+
+_F16_VALUES = 1 << 16                                                 # distinct float16 bit patterns
+_STREAM_PIXELS = 1 << 19                                              # pixels per chunk when streaming
+
+
+def _float16_keys(values: np.ndarray) -> np.ndarray:
+    """float16 values → int64 keys 0..65535 in the same order (-0 and +0 share a key).
+
+    Example:
+        >>> _float16_keys(np.array([-1.0, -0.0, 0.0, 0.5, 1.0], dtype=np.float16)).tolist()
+        [17407, 32768, 32768, 47104, 48128]
+    """
+    keys = (values + np.float16(0)).view(np.uint16).astype(np.int64)  # sign-magnitude bits; -0 + 0 = +0
+    negative = keys >= 0x8000
+    np.subtract(0xFFFF, keys, out=keys, where=negative)               # in place: a chunk holds one int64 copy
+    np.bitwise_or(keys, 0x8000, out=keys, where=~negative)
+    return keys
+
+
+class PixelCounts:
+    """Pixel counts per float16 score, accumulated a few images at a time: exact pixel AUROC, AP, F1-max and
+    AUPRO of float16 maps (official definition, ties included) in fixed memory (3 × 65,536 numbers).
+
+    Maps given in another dtype are rounded to float16 first; :meth:`auroc_rounding_bound` then bounds how far
+    the AUROC can lie from that of the unrounded maps (rounding is monotonic, so only pairs that fall into one
+    float16 value can change, each by one half).
+
+    Example:
+        >>> counts = PixelCounts()
+        >>> counts.add(np.array([[[0.1, 0.9], [0.95, 0.3]]], dtype=np.float16), [[[0, 1], [0, 0]]])
+        >>> {k: round(v, 4) for k, v in counts.metrics().items()}
+        {'pixel_auroc': 0.6667, 'pixel_ap': 0.5, 'pixel_f1max': 0.6667, 'aupro': 0.0}
+    """
+
+    def __init__(self):
+        self.normal = np.zeros(_F16_VALUES, dtype=np.int64)              # normal pixels per value
+        self.anomalous = np.zeros(_F16_VALUES, dtype=np.int64)           # anomalous pixels per value
+        self.region_gain = np.zeros(_F16_VALUES)                         # Σ 1 / region size over those
+        self.regions = 0                                                 # 8-connected regions seen
+
+    def add(self, anomaly_maps, masks) -> None:
+        """Count ``(b, H, W)`` maps and masks (any number of images per call)."""
+        m = _maps(_scores(anomaly_maps, "anomaly_maps"), "anomaly_maps")
+        g = _maps(_binary(masks, "masks"), "masks")
+        _same_shape(m, "anomaly_maps", g, "masks")
+        if m.dtype != np.float16:
+            with np.errstate(over="ignore"):
+                rounded = m.astype(np.float16)
+            if np.isinf(rounded).any():
+                raise ValueError(f"anomaly_maps hold values beyond the float16 range (|x| > 65504, max "
+                                 f"{float(np.abs(m).max()):.3g}); evaluate them as float32 (exact sort) instead.")
+            m = rounded
+        keys = _float16_keys(m).reshape(-1)                               # (n,)
+        ids, n_regions = _regions(g)                                       # (b, H, W) local region ids
+        ids = ids.reshape(-1)
+        sizes = np.bincount(ids, minlength=n_regions + 1)                  # sizes[0] = normal pixels
+        normal = ids == 0
+        self.normal += np.bincount(keys[normal], minlength=_F16_VALUES)
+        a_keys, a_ids = keys[~normal], ids[~normal]
+        self.anomalous += np.bincount(a_keys, minlength=_F16_VALUES)
+        self.region_gain += np.bincount(a_keys, weights=1.0 / sizes[a_ids], minlength=_F16_VALUES)
+        self.regions += n_regions
+
+    def _descending(self):
+        seen = np.flatnonzero(self.normal + self.anomalous)[::-1]         # distinct values, descending
+        n_pos, n_neg = int(self.anomalous.sum()), int(self.normal.sum())
+        if n_pos == 0 or n_neg == 0:
+            only = "normal (mask 0)" if n_pos == 0 else "anomalous (mask 1)"
+            raise ValueError(f"AUROC needs both normal and anomalous pixels; got only {only} pixels "
+                             f"({n_pos + n_neg} of them). Evaluate on a test set with both kinds.")
+        return self.anomalous[seen], self.normal[seen], self.region_gain[seen]
+
+    def metrics(self, fpr_limit: float | None = 0.3) -> dict:
+        """``pixel_auroc``, ``pixel_ap``, ``pixel_f1max`` and (unless ``fpr_limit`` is None) ``aupro``."""
+        pos, neg, gain = self._descending()
+        out = _curve_metrics(pos, neg)
+        if fpr_limit is not None:
+            if not 0 < fpr_limit <= 1:
+                raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}.")
+            fpr = np.concatenate([[0.0], np.cumsum(neg) / neg.sum(), [1.0]])        # FPR at score >= v
+            pro = np.concatenate([[0.0], np.cumsum(gain) / self.regions, [1.0]])     # PRO at score >= v
+            out["aupro"] = float(_trapezoid_until(fpr, pro, fpr_limit) / fpr_limit)
+        return out
+
+    def auroc_rounding_bound(self) -> float:
+        """Largest possible |AUROC of these float16 maps − AUROC of the maps before rounding to float16|."""
+        pos, neg, _ = self._descending()
+        return float(0.5 * np.sum(pos.astype(np.float64) * neg) / (pos.sum() * float(neg.sum())))
+
+
+def _streamed(m: np.ndarray, masks, fpr_limit: float | None) -> dict:
+    """:class:`PixelCounts` over ``m`` (B, H, W) a few images at a time."""
+    g = _maps(_binary(masks, "masks"), "masks")
+    _same_shape(m, "anomaly_maps", g, "masks")
+    counts, step = PixelCounts(), max(1, _STREAM_PIXELS // max(1, m[0].size if len(m) else 1))
+    for start in range(0, len(m), step):
+        counts.add(m[start:start + step], g[start:start + step])
+    return counts.metrics(fpr_limit)
 
 
 # --- AUPRO ---------------------------------------------------------------------------------------
@@ -349,6 +495,10 @@ def aupro(anomaly_maps, masks, fpr_limit: float = 0.3, method: str = "mvtec") ->
 def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 0.3) -> dict:
     """All seven metrics of the protocol for one category.
 
+    float16 maps (what the pipeline keeps) are evaluated a few images at a time through :class:`PixelCounts`,
+    never as one float32 copy; float32/float64 maps by one shared sort (and :func:`aupro`). Both are exact on
+    the values given.
+
     Args:
         image_scores: ``(B,)`` image scores.
         anomaly_maps: ``(B, H, W)`` maps at the mask resolution, or None (image metrics only).
@@ -367,7 +517,7 @@ def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 
     out.update(dict.fromkeys(pixel_keys))
     if masks is None or anomaly_maps is None:
         return out
-    m = _maps(_scores(anomaly_maps, "anomaly_maps"), "anomaly_maps")
+    m = _maps(_as_numpy(anomaly_maps, "anomaly_maps"), "anomaly_maps")   # no copy of a CPU tensor or array
     g = _maps(_binary(masks, "masks"), "masks")
     _same_shape(m, "anomaly_maps", g, "masks")
     n = _as_numpy(labels, "labels").reshape(-1).size
@@ -375,9 +525,17 @@ def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 
         raise ValueError(f"anomaly_maps has {m.shape[0]} maps (shape {m.shape}) but labels has {n} "
                          f"entries; pass one map per image.")
     if not g.any():
+        import warnings
+
+        warnings.warn(f"pixel metrics skipped: none of the {g.shape[0]} masks marks an anomalous pixel, so pixel AUROC, "
+                      "AP, F1-max and AUPRO are undefined (None). Check that the masks are the ground truth of the "
+                      "anomalous images (non-zero = anomalous).", UserWarning, stacklevel=2)
         return out
-    out.update(pixel_auroc=pixel_auroc(m, g), pixel_ap=pixel_ap(m, g),
-               pixel_f1max=pixel_f1max(m, g), aupro=aupro(m, g, fpr_limit))
+    if m.dtype == np.float16:                                         # streamed, checked chunk by chunk
+        out.update(_streamed(m, g, fpr_limit))
+        return out
+    m = _scores(m, "anomaly_maps")
+    out.update(_curve_metrics(*_counts_by_sort(m, g)), aupro=aupro(m, g, fpr_limit))
     return out
 
 
@@ -397,14 +555,20 @@ def mean_metrics(per_category: dict[str, dict]) -> dict:
 
 
 def metric_rows(results: dict) -> list[tuple[str, dict]]:
-    """The rows of every results table (terminal, CSV, HTML): (category, metrics) per category, then "mean".
+    """The rows of every results table (terminal, CSV, HTML): (category, metrics) per category, then the mean row,
+    labelled "mean" — or "(mean)" when a category is itself called "mean".
 
     Example:
         >>> metric_rows({"categories": {"a": {"metrics": {"image_auroc": 0.5}}}, "mean": {"image_auroc": 0.5}})
         [('a', {'image_auroc': 0.5}), ('mean', {'image_auroc': 0.5})]
+        >>> [label for label, _ in metric_rows({"categories": {"mean": {"metrics": {}}}, "mean": {}})]
+        ['mean', '(mean)']
     """
     rows = [(name, entry["metrics"]) for name, entry in results["categories"].items()]
-    return rows + [("mean", results.get("mean") or mean_metrics(dict(rows)))]
+    label = "mean"
+    while label in results["categories"]:
+        label = f"({label})"
+    return rows + [(label, results.get("mean") or mean_metrics(dict(rows)))]
 
 
 def format_metric(value, digits: int = 4) -> str:

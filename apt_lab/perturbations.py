@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone, ImageFeatures, check_pixels
-from .blobs import area_bounds, nearest_pixels, random_blob
+from .blobs import area_bounds, draw_blobs, nearest_pixels_batch
 from .config import APTConfig, PerturbConfig, config_section
 from .roi import region_of_interest
 
@@ -135,10 +135,21 @@ def uniform_noise(image: torch.Tensor, region: torch.Tensor, rng: torch.Generato
 
 @register_perturbation("salt_pepper")
 def salt_pepper_noise(image: torch.Tensor, region: torch.Tensor, rng: torch.Generator, strength: float):
-    """A fraction ≈ strength of the region's pixels set to 0 or 1 (all channels); mask = the whole region."""
+    """A fraction ≈ strength of the region's pixels set to 0 or 1 (all channels).
+
+    The mask is the whole sprinkled region, by definition: a speckled area is one defect, outlined the way an
+    annotator outlines a speckled stain, and about ``strength`` of its pixels (0.2–0.6 by default) change — none
+    outside it. A mask of only the changed pixels would cover ≈ strength of each patch, below
+    ``patch_threshold`` (0.25) for weak draws, and would teach the patches between the specks to look normal.
+    """
     hit = (_draw(region.shape, rng, image, uniform=True) < strength) & region  # (H, W)
     value = (_draw(region.shape, rng, image, uniform=True) < 0.5).to(image.dtype).expand_as(image)  # (3, H, W)
     return torch.where(hit, value, image), region
+
+
+# Built-ins whose body is elementwise: perturb calls them once per batch with images (b, 3, H, W), regions
+# (b, 1, H, W) and strengths (b, 1, 1, 1), drawing their noise on the images' device.
+_BATCHED = (gaussian_noise, uniform_noise, salt_pepper_noise)
 
 
 @register_perturbation("feature", space="feature")
@@ -159,10 +170,12 @@ def perturb_features(features: ImageFeatures, patch_masks: torch.Tensor, rng: to
     if tuple(patch_masks.shape) != (batch, *features.grid):
         raise ValueError(f"patch_masks: expected shape {(batch, *features.grid)}, got {tuple(patch_masks.shape)}")
     scale = torch.as_tensor(strength, dtype=torch.float32, device=features.patches.device).reshape(-1, 1, 1)
+    rng = generator_on(features.patches.device, rng)  # noise drawn where the features are
     noise = _draw(features.patches.shape, rng, features.patches) * scale / math.sqrt(dim)  # (L, B, N, D)
     noisy = F.normalize(features.patches + noise, dim=-1)  # (L, B, N, D)
     inside = patch_masks.reshape(1, batch, n, 1).to(features.patches.device)  # (1, B, N, 1)
-    return ImageFeatures(features.cls, torch.where(inside, noisy, features.patches), features.grid)
+    return ImageFeatures(features.cls, torch.where(inside, noisy, features.patches), features.grid,
+                         features.locality_radius)
 
 
 # -------------------------------------------------------------------------------------------------- perturb
@@ -205,13 +218,18 @@ def patch_mask(masks: torch.Tensor, patch_size: int, threshold: float) -> torch.
 def perturb(images: torch.Tensor, config: APTConfig | PerturbConfig, rng: torch.Generator,
             roi: torch.Tensor | None = None, backbone: Backbone | None = None,
             patch_size: int | None = None) -> Perturbation:
-    """CFG: put one synthetic anomaly into each image, inside its region of interest.
+    """CFG: put one synthetic anomaly into each image, inside its region of interest — a batch at a time.
 
-    Per image: draw a pixel-space generator uniformly from ``config.perturb.generators`` (feature-space ones are
-    skipped here), a strength uniformly in ``config.perturb.strength``, a blob (:func:`random_blob`), and
-    anomaly region = ROI ∩ blob. If that is smaller than ``min_area``, the blob is redrawn centred on a random
-    ROI pixel (``ROI_TRIES`` times), then the region falls back to the ``min_area`` ROI pixels nearest to a
-    random ROI pixel (the whole ROI if it is smaller). Then the generator runs on the region.
+    Per image: a pixel-space generator drawn uniformly from ``config.perturb.generators`` (feature-space ones are
+    skipped here), a strength uniformly in ``config.perturb.strength``, a blob (:func:`~apt_lab.blobs.draw_blobs`),
+    and anomaly region = ROI ∩ blob. Where that is smaller than ``min_area``, the blob is redrawn centred on a
+    random ROI pixel (``ROI_TRIES`` rounds), then the region falls back to the ``min_area`` ROI pixels nearest to a
+    random ROI pixel (the whole ROI if it is smaller). Then each generator runs once on all its images.
+
+    Everything stays on the images' device: blobs and built-in noise are drawn there in batches (the noise from a
+    generator on that device seeded by one draw of ``rng``), with one host synchronisation per round of redraws
+    and one for the final checks, never one per image. Generators a researcher registers are called image by
+    image with ``rng`` itself, as documented in :func:`register_perturbation`.
 
     Args:
         images: (B, 3, S, S) pixels in [0, 1].
@@ -234,40 +252,67 @@ def perturb(images: torch.Tensor, config: APTConfig | PerturbConfig, rng: torch.
     if not names:
         raise ValueError(f"config.perturb.generators={list(cfg.generators)} holds no pixel-space generator; "
                          f"pixel-space ones: {list_perturbations('pixel')}")
-    roi = _resolve_roi(images, cfg, roi, backbone)  # (B, H, W) bool on the CPU
+    roi = _resolve_roi(images, cfg, roi, backbone)  # (B, H, W) bool on the images' device
     low, high = cfg.strength
-    out, masks, used, strengths = images.clone(), torch.zeros(batch, height, width, dtype=torch.bool), [], []
-    for i in range(batch):
-        name = names[int(torch.randint(len(names), (), generator=rng, device=rng.device))]
-        strength = low + (high - low) * float(torch.rand((), generator=rng, device=rng.device))
-        region = _anomaly_region(roi[i], cfg, rng).to(images.device)  # (H, W) bool
-        result = _call(name, images[i], region, rng, strength=strength)
-        new, mask = result if isinstance(result, tuple) else (result, region)
-        if tuple(new.shape) != tuple(images[i].shape) or tuple(mask.shape) != (height, width):
-            raise ValueError(f"perturbation {name!r} returned image {tuple(new.shape)} and mask {tuple(mask.shape)}"
-                             f"; expected {tuple(images[i].shape)} and {(height, width)}")
-        mask = mask.to(images.device, torch.bool) & region  # (H, W)
-        if not mask.any():
-            raise ValueError(f"perturbation {name!r} returned a mask with no pixel inside its region; a generator "
-                             "must return the (H, W) bool mask of the pixels it made anomalous")
-        new = new.to(images.device, images.dtype).clamp(0, 1)  # (3, H, W)
-        out[i] = torch.where(mask, new, images[i])  # changes only inside the mask
-        masks[i] = mask.cpu()
-        used.append(name)
-        strengths.append(strength)
+    used = [names[i] for i in torch.randint(len(names), (batch,), generator=rng, device=rng.device).tolist()]
+    strengths = (low + (high - low) * torch.rand(batch, generator=rng, device=rng.device)).cpu()  # (B,)
+    regions = _anomaly_regions(roi, cfg, rng)  # (B, H, W) bool
+    noise_rng = generator_on(images.device, rng)
+    out, masks = images.clone(), torch.zeros(batch, height, width, dtype=torch.bool, device=images.device)
+    for name in dict.fromkeys(used):  # each generator once, in order of first use
+        rows = [i for i, n in enumerate(used) if n == name]
+        if _REGISTRY[name].fn in _BATCHED:  # built-ins: one call on all their images, noise drawn on the device
+            strength = strengths[rows].to(images.device, images.dtype).view(-1, 1, 1, 1)
+            new, mask = _REGISTRY[name].fn(images[rows], regions[rows][:, None], noise_rng, strength)
+            mask = mask[:, 0]
+        else:
+            results = [_call(name, images[i], regions[i], rng, strength=float(strengths[i])) for i in rows]
+            pairs = [r if isinstance(r, tuple) else (r, regions[i]) for r, i in zip(results, rows)]
+            if any(tuple(n.shape) != tuple(images.shape[1:]) or tuple(m.shape) != (height, width) for n, m in pairs):
+                shapes = [(tuple(n.shape), tuple(m.shape)) for n, m in pairs]
+                raise ValueError(f"perturbation {name!r} returned (image, mask) shapes {shapes[:3]}; expected "
+                                 f"{tuple(images.shape[1:])} and {(height, width)}")
+            new = torch.stack([n.to(images.device, images.dtype) for n, _ in pairs])  # (b, 3, H, W)
+            mask = torch.stack([m.to(images.device, torch.bool) for _, m in pairs])  # (b, H, W)
+        mask = mask & regions[rows]  # (b, H, W)
+        out[rows] = torch.where(mask[:, None], new.clamp(0, 1), images[rows])  # changes only inside the mask
+        masks[rows] = mask
+    empty = ~masks.flatten(1).any(1)  # (B,)
+    if empty.any():  # one synchronisation for the whole batch
+        where = empty.nonzero().flatten().tolist()
+        raise ValueError(f"perturbation {used[where[0]]!r} returned a mask with no pixel inside its region (images "
+                         f"{where[:5]}); a generator must return the (H, W) bool mask of the pixels it made anomalous")
     patches = patch_mask(masks, patch, cfg.patch_threshold)  # (B, h, w)
     covered = F.avg_pool2d(masks[:, None].float(), patch, stride=patch)[:, 0].flatten(1)  # (B, h*w)
-    empty = ~patches.flatten(1).any(1)  # (B,) no patch over the threshold (a small or scattered mask)
-    patches.view(batch, -1)[empty, covered[empty].argmax(1)] = True
-    dev = images.device
-    return Perturbation(out, masks.to(dev), patches.to(dev), used, torch.tensor(strengths), roi.to(dev))
+    lonely = ~patches.flatten(1).any(1)  # (B,) no patch over the threshold (a small or scattered mask)
+    most = F.one_hot(covered.argmax(1), covered.shape[1]).bool() & lonely[:, None]  # (B, h*w)
+    patches = patches | most.view_as(patches)
+    return Perturbation(out, masks, patches, used, strengths, roi)
+
+
+def generator_on(device: torch.device | str, rng: torch.Generator) -> torch.Generator:
+    """``rng`` itself when it lives on ``device``; otherwise a generator there, seeded by one draw of ``rng``.
+
+    So random tensors for data on a GPU are drawn on the GPU (no host copy), and the same seed still gives the
+    same numbers run after run.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> generator_on("cpu", g) is g
+        True
+    """
+    device = torch.device(device)
+    if rng.device.type == device.type and (device.index is None or rng.device.index == device.index):
+        return rng
+    seed = int(torch.randint(2**62, (), generator=rng, device=rng.device))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _resolve_roi(images, cfg: PerturbConfig, roi, backbone) -> torch.Tensor:
     batch, _, height, width = images.shape
     if roi is None:
         if cfg.region == "image":
-            return torch.ones(batch, height, width, dtype=torch.bool)
+            return torch.ones(batch, height, width, dtype=torch.bool, device=images.device)
         if backbone is None:
             raise ValueError("perturb: config.perturb.region == 'roi' needs the region of interest: pass "
                              "backbone=... (it is computed with region_of_interest), or roi=..., or set "
@@ -275,28 +320,45 @@ def _resolve_roi(images, cfg: PerturbConfig, roi, backbone) -> torch.Tensor:
         roi = region_of_interest(backbone, images, cfg)
     if tuple(roi.shape) != (batch, height, width):
         raise ValueError(f"roi: expected shape {(batch, height, width)} (B, S, S) bool, got {tuple(roi.shape)}")
-    roi = roi.cpu().bool()
-    empty = [i for i in range(batch) if not roi[i].any()]
-    if empty:
-        raise ValueError(f"roi is empty for image(s) {empty}; every image needs at least one allowed pixel")
+    roi = roi.to(images.device, torch.bool)
+    empty = ~roi.flatten(1).any(1)  # (B,)
+    if empty.any():
+        raise ValueError(f"roi is empty for image(s) {empty.nonzero().flatten().tolist()}; every image needs at "
+                         "least one allowed pixel")
     return roi
 
 
-def _anomaly_region(roi: torch.Tensor, cfg: PerturbConfig, rng: torch.Generator) -> torch.Tensor:
-    """(H, W) bool ROI → (H, W) bool anomaly region = ROI ∩ blob, never empty, ≥ min_area when the ROI allows."""
-    size = tuple(roi.shape)
-    low, _ = area_bounds(size, cfg.min_area, cfg.max_area)
-    blob = random_blob(size, rng, cfg.blob, cfg.min_area, cfg.max_area)
-    if roi.all():
-        return blob
-    inside = roi.nonzero()  # (n, 2) ROI pixels
+def _anomaly_regions(roi: torch.Tensor, cfg: PerturbConfig, rng: torch.Generator) -> torch.Tensor:
+    """(B, H, W) bool ROI → (B, H, W) bool anomaly regions = ROI ∩ blob, never empty, ≥ min_area when the ROI
+    allows; a whole-image ROI takes the blob as it is. Batched on the ROI's device."""
+    batch, height, width = roi.shape
+    device = roi.device
+    low, _ = area_bounds((height, width), cfg.min_area, cfg.max_area)
+    picks = torch.rand(batch, ROI_TRIES + 1, generator=rng, device=rng.device).to(device)  # ROI pixels to centre on
+    whole = roi.flatten(1).all(1)  # (B,)
+    regions = draw_blobs(batch, (height, width), rng, cfg.blob, cfg.min_area, cfg.max_area, device=device)
+    regions &= roi | whole[:, None, None]
+    ok = whole | (regions.flatten(1).sum(1) >= low)  # (B,)
     for attempt in range(ROI_TRIES + 1):
-        region = blob & roi  # (H, W)
-        if int(region.sum()) >= low:
-            return region
-        if attempt == ROI_TRIES:
+        pending = (~ok).nonzero().flatten().tolist()  # one synchronisation per round
+        if not pending:
             break
-        centre = inside[int(torch.randint(len(inside), (), generator=rng, device=rng.device))]
-        blob = random_blob(size, rng, cfg.blob, cfg.min_area, cfg.max_area, center=tuple(centre.tolist()))
-    centre = inside[int(torch.randint(len(inside), (), generator=rng, device=rng.device))]
-    return nearest_pixels(roi, tuple(centre.tolist()), low)
+        rows = torch.tensor(pending, device=device)
+        centres = _roi_pixels(roi[rows], picks[rows, attempt])  # (n, 2)
+        if attempt == ROI_TRIES:  # the fallback: the min_area ROI pixels nearest to a random ROI pixel
+            regions[rows] = nearest_pixels_batch(roi[rows], centres, torch.full((len(pending),), low))
+            break
+        blobs = draw_blobs(len(pending), (height, width), rng, cfg.blob, cfg.min_area, cfg.max_area,
+                           centers=centres, device=device)
+        regions[rows] = blobs & roi[rows]
+        ok[rows] = regions[rows].flatten(1).sum(1) >= low
+    return regions
+
+
+def _roi_pixels(roi: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """(n, H, W) bool ROIs and (n,) uniforms in [0, 1) → (n, 2) (row, col) of a uniformly chosen ROI pixel each."""
+    n, _, width = roi.shape
+    counts = roi.reshape(n, -1).cumsum(1)  # (n, H*W) ROI pixels up to each position
+    wanted = (picks * counts[:, -1]).long().clamp(max=counts[:, -1] - 1) + 1  # (n,) 1-based rank of the pixel
+    flat = torch.searchsorted(counts, wanted[:, None]).flatten()  # first position holding that many ROI pixels
+    return torch.stack([flat // width, flat % width], dim=1)

@@ -116,6 +116,7 @@ def map_range(maps, zmin: float | None = None, zmax: float | None = None) -> tup
 
 
 def _map_traces(image, anomaly_map, mask, zmin, zmax, opacity, threshold, showscale, max_side=None):
+    showscale = showscale and zmax - zmin > 1e-6  # a constant map's bar would span v … v + 1e-6: say it in the title
     traces = [_image_trace(image)]
     z, place = _shrink(anomaly_map, max_side)
     traces.append(go.Heatmap(z=z, zmin=zmin, zmax=zmax, colorscale=MAP_COLORSCALE, opacity=opacity,
@@ -159,7 +160,12 @@ def anomaly_map_figure(image, anomaly_map, mask=None, zmin: float | None = None,
     """
     zmin, zmax = map_range([anomaly_map], zmin, zmax)
     fig = go.Figure(_map_traces(image, anomaly_map, mask, zmin, zmax, opacity, threshold, showscale=True))
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    # The colour bar gets a fixed right margin: plotly.js's automatic margin is lost when a FigureWidget swaps its
+    # traces (a widget moving to an image with another trace count), which pushed the bar off the canvas.
+    scale = bool(fig.data[1].showscale)
+    fig.update_traces(colorbar=dict(thickness=15, x=1.0, xanchor="left", xpad=8), selector=dict(type="heatmap"))
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=75 if scale else 10, t=40 if title else 10,
+                                                              b=10, autoexpand=False))
     _style_image_axes(fig)
     return fig
 
@@ -196,8 +202,10 @@ def anomaly_map_grid(images, maps, masks=None, zmin: float | None = None, zmax: 
                              showscale=(index == 0 and not per_image_range), max_side=max_side)
         for trace in traces:
             fig.add_trace(trace, row=index // cols + 1, col=index % cols + 1)
+    constant = shared[1] - shared[0] <= 1e-6
     fig.update_layout(height=panel_height * rows + 60, margin=dict(l=10, r=10, t=40, b=10),
                       title="per-image colour range (misleading)" if per_image_range else
+                      f"every map is constant: {shared[0]:.3g}" if constant else
                       f"one colour range for all: [{shared[0]:.3g}, {shared[1]:.3g}]")
     _style_image_axes(fig, rows, cols)
     return fig
@@ -212,11 +220,13 @@ def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = No
         mask: (H, W) bool synthetic-anomaly mask.
         roi: (H, W) bool region of interest, or None.
     """
+    outline = roi is not None and to_numpy(roi).any() and not to_numpy(roi).all()
+    normal = ("normal (yellow: region of interest)" if outline else "normal (region of interest: whole image)"
+              if roi is not None else "normal")
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.02,
-                        subplot_titles=("normal" + (" (yellow: region of interest)" if roi is not None else ""),
-                                        "perturbed", "anomaly mask (red) on perturbed"))
+                        subplot_titles=(normal, "perturbed", "anomaly mask (red) on perturbed"))
     fig.add_trace(_image_trace(image, "normal"), row=1, col=1)
-    if roi is not None and to_numpy(roi).any() and not to_numpy(roi).all():
+    if outline:
         fig.add_trace(_outline_trace(roi, "yellow", "region of interest"), row=1, col=1)
     fig.add_trace(_image_trace(perturbed, "perturbed"), row=1, col=2)
     overlay = image_to_uint8(perturbed).astype(np.float32)
@@ -231,15 +241,17 @@ def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = No
 
 
 def training_curves_figure(history: Sequence[Mapping], log_y: bool = False, height: int = 380) -> go.Figure:
-    """Tuning history (one dict per step, as ``tune_prompts`` records it) → losses, gradient conflicts, meta drift.
+    """Tuning history (one dict per step, as ``tune_prompts`` records it) → losses, gradient conflicts, meta-prompt.
 
     Keys used when present: ``step``; losses ``loss, image_loss, focal, dice, meta_loss``; ``conflict_rate``
     (share of parameter tensors whose task and meta gradients disagreed, i.e. where SMGS acted);
-    ``meta_drift`` (how far the self-optimising meta-prompt moved from its start). Missing keys are skipped.
+    ``meta_drift`` (how far the self-optimising meta-prompt moved from its start) and ``anchor_similarity``
+    (cosine of the learned prompts to the *initial* meta-prompt). Missing keys are skipped.
     """
     history = list(history)
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
-                        subplot_titles=("losses", "gradient conflicts (SMGS acts)", "meta-prompt drift"))
+                        subplot_titles=("losses", "gradient conflicts (SMGS acts)",
+                                        "meta-prompt drift, anchor similarity"))
     steps = [record.get("step", index) for index, record in enumerate(history)]
 
     def series(key):
@@ -248,7 +260,7 @@ def training_curves_figure(history: Sequence[Mapping], log_y: bool = False, heig
     for key in LOSS_KEYS:
         if any(record.get(key) is not None for record in history):
             fig.add_trace(go.Scatter(x=steps, y=series(key), mode="lines", name=key), row=1, col=1)
-    for column, key in ((2, "conflict_rate"), (3, "meta_drift")):
+    for column, key in ((2, "conflict_rate"), (3, "meta_drift"), (3, "anchor_similarity")):
         if any(record.get(key) is not None for record in history):
             fig.add_trace(go.Scatter(x=steps, y=series(key), mode="lines", name=key), row=1, col=column)
     fig.update_xaxes(title_text="step")
@@ -273,8 +285,9 @@ def metrics_bar_figure(rows: Sequence[Mapping], metric: str = "image_auroc", x: 
     """Grouped bars of one metric: ``x`` on the axis, one bar colour per ``group``; mean ± std over seeds.
 
     Rows are dicts such as ``{"variant": "APT", "category": "brick", "seed": 0, "image_auroc": 0.91}``
-    (what ``apt_lab.pipeline.compare`` returns); a nested ``metrics`` dict works too. A "mean" group on the
-    axis (the macro mean over ``x``) is added when there is more than one ``x`` value.
+    (what ``apt_lab.pipeline.compare`` returns); a nested ``metrics`` dict works too. With more than one category
+    a "mean" (the macro mean over categories) is added: on the axis when ``x`` is "category", as a bar of each
+    ``x`` when ``group`` is "category". Nothing is ever averaged across variants.
     """
     values: dict[tuple[str, str], list[float]] = {}
     xs, groups = [], []
@@ -286,16 +299,21 @@ def metrics_bar_figure(rows: Sequence[Mapping], metric: str = "image_auroc", x: 
         xs += [key_x] if key_x not in xs else []
         groups += [key_g] if key_g not in groups else []
         values.setdefault((key_x, key_g), []).append(float(value))
-    if len(xs) > 1:
-        for key_g in groups:  # macro mean over x of the per-x means
+    if x == "category" and len(xs) > 1:
+        for key_g in groups:  # macro mean over categories of the per-category means
             means = [float(np.mean(values[(key_x, key_g)])) for key_x in xs if (key_x, key_g) in values]
             values[("mean", key_g)] = means
         xs.append("mean")
+    elif group == "category" and len(groups) > 1:
+        for key_x in xs:  # the same, as one more bar of each x (e.g. each variant)
+            values[(key_x, "mean")] = [float(np.mean(values[(key_x, key_g)])) for key_g in groups
+                                       if (key_x, key_g) in values]
+        groups.append("mean")
     fig = go.Figure()
     for key_g in groups:
         present = [key_x for key_x in xs if (key_x, key_g) in values]
         means = [float(np.mean(values[(k, key_g)])) for k in present]
-        stds = [float(np.std(values[(k, key_g)])) if k != "mean" else 0.0 for k in present]
+        stds = [float(np.std(values[(k, key_g)])) if "mean" not in (k, key_g) else 0.0 for k in present]
         fig.add_trace(go.Bar(x=present, y=means, name=key_g, error_y=dict(type="data", array=stds, visible=True),
                              hovertemplate="%{x}: %{y:.3f}<extra>" + key_g + "</extra>"))
     label = METRIC_NAMES.get(metric, metric)

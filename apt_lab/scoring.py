@@ -131,11 +131,19 @@ class VisualMemory:
 
 
 @torch.no_grad()
-def build_memory(backbone: Backbone, shots: torch.Tensor, config: APTConfig | ScoreConfig) -> VisualMemory:
-    """(K, 3, S, S) normal shots → VisualMemory for ``score(..., memory=...)`` (WinCLIP+ / PromptAD style)."""
+def build_memory(backbone: Backbone, shots: torch.Tensor | ImageFeatures, config: APTConfig | ScoreConfig
+                 ) -> VisualMemory:
+    """(K, 3, S, S) normal shots, or their features → VisualMemory for ``score(..., memory=...)`` (WinCLIP+ style).
+
+    Given features (e.g. from :class:`apt_lab.features.FeatureStore`) cost no encoder pass.
+    """
     cfg = config_section(config, ScoreConfig)
-    check_pixels(shots, "shots")
-    feats = backbone.encode_batched(shots, cfg.batch_size, cfg.locality_radius)
+    if isinstance(shots, ImageFeatures):
+        _check_features(shots, backbone, cfg)
+        feats = shots
+    else:
+        check_pixels(shots, "shots")
+        feats = backbone.encode_batched(shots, cfg.batch_size, cfg.locality_radius)
     layers, k, n, dim = feats.patches.shape
     return VisualMemory(feats.patches.reshape(layers, k * n, dim), feats.grid, k, cfg.locality_radius)
 
@@ -169,16 +177,18 @@ class Scores:
 
 
 @torch.no_grad()
-def score(backbone: Backbone, prompts, images: torch.Tensor, config: APTConfig | ScoreConfig,
+def score(backbone: Backbone, prompts, images: torch.Tensor | ImageFeatures, config: APTConfig | ScoreConfig,
           memory: VisualMemory | None = None, category: str | None = None) -> Scores:
-    """Score images with a prompt pair: one encoder pass per image, batched by ``config.score.batch_size``.
+    """Score images with a prompt pair: one encoder pass per image (none for features), ``batch_size`` at a time.
 
     Args:
         backbone: the frozen backbone.
         prompts: a PromptLearner (anything with ``text_features(category=None) -> (2, D)``) or a (2, D) tensor
             [normal, anomalous], e.g. :func:`human_prompt_features`. Re-normalised here.
         images: (B, 3, H, W) pixels in [0, 1]; resized to the backbone's input when H, W differ. Paths or PIL
-            images also work (``backbone.load_images``).
+            images also work (``backbone.load_images``). Or their :class:`ImageFeatures`, already encoded with
+            this backbone and ``config.score.locality_radius`` (``apt_lab.features.FeatureStore``): then scoring
+            costs no encoder pass, so a second prompt pair or method on the same images is nearly free.
         config: APTConfig (its ``score`` section is used) or ScoreConfig.
         memory: from :func:`build_memory`; used when given. ``config.score.memory`` True requires it.
         category: passed to ``prompts.text_features`` (per-category prompt pairs).
@@ -194,14 +204,25 @@ def score(backbone: Backbone, prompts, images: torch.Tensor, config: APTConfig |
         raise ValueError(f"memory was built with locality_radius={memory.locality_radius}, config has "
                          f"{cfg.locality_radius}; rebuild it with build_memory(backbone, shots, config)")
     text = _text_features(prompts, category, backbone)  # (2, D)
-    if not isinstance(images, torch.Tensor):
-        images = backbone.load_images(images)  # (B, 3, S, S)
-    if tuple(images.shape[-2:]) != (backbone.image_size,) * 2 or images.dim() != 4:
-        check_pixels(images, "images")  # before resizing; at input size the encoder checks every batch itself
+    if isinstance(images, ImageFeatures):
+        _check_features(images, backbone, cfg)
+        count = images.cls.shape[0]
+
+        def features(start: int) -> ImageFeatures:
+            return images[start:start + cfg.batch_size].to(backbone.device)
+    else:
+        if not isinstance(images, torch.Tensor):
+            images = backbone.load_images(images)  # (B, 3, S, S)
+        if tuple(images.shape[-2:]) != (backbone.image_size,) * 2 or images.dim() != 4:
+            check_pixels(images, "images")  # before resizing; at input size the encoder checks every batch itself
+        count = images.shape[0]
+
+        def features(start: int) -> ImageFeatures:
+            return backbone.encode_batched(images[start:start + cfg.batch_size], cfg.batch_size, cfg.locality_radius)
     size = backbone.image_size
     image_scores, maps = [torch.zeros(0)], [torch.zeros(0, size, size)]  # an empty batch gives empty Scores
-    for start in range(0, images.shape[0], cfg.batch_size):
-        feats = backbone.encode_batched(images[start:start + cfg.batch_size], cfg.batch_size, cfg.locality_radius)
+    for start in range(0, count, cfg.batch_size):
+        feats = features(start)
         image_prob, patch_prob = anomaly_probabilities(feats, text, cfg.temperature)  # (b,), (L, b, N)
         if memory is not None:
             patch_prob = (1 - cfg.memory_weight) * patch_prob + cfg.memory_weight * memory_distances(feats, memory)
@@ -213,6 +234,17 @@ def score(backbone: Backbone, prompts, images: torch.Tensor, config: APTConfig |
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _check_features(features: ImageFeatures, backbone: Backbone, cfg: ScoreConfig) -> None:
+    """Features must come from this backbone's grid and width, with the configured locality radius."""
+    if tuple(features.grid) != tuple(backbone.grid) or features.cls.shape[-1] != backbone.embed_dim:
+        raise ValueError(f"features have grid {tuple(features.grid)} and D={features.cls.shape[-1]}, but "
+                         f"{backbone.name} gives grid {backbone.grid} and D={backbone.embed_dim}; encode them with "
+                         "this backbone")
+    if features.locality_radius != cfg.locality_radius:
+        raise ValueError(f"features were encoded with locality_radius={features.locality_radius}, config.score has "
+                         f"{cfg.locality_radius}; encode them again with the config's radius")
+
+
 def _text_features(prompts, category: str | None, backbone: Backbone) -> torch.Tensor:
     if hasattr(prompts, "text_features"):
         text = prompts.text_features(category=category)

@@ -12,10 +12,19 @@ not contradict general anomaly semantics. λ = 0 is plain prompt tuning (the key
 
 The meta-prompt is *self-optimising* (:class:`MetaPrompt`): after each step it follows the learned prompts
 by an exponential moving average (default), re-anchors periodically when a held-out synthetic loss improves,
-or stays fixed (the predecessor's behaviour).
+or stays fixed (the predecessor's behaviour). A moving target forgets where it started (an EMA keeps β^k of
+its initial, hand-written semantics after k steps), so the rule also guards a fixed *anchor*: the gradient of
+1 − cos(learned, initial meta-prompt) (``SMGSConfig.anchor_weight``). A step then conflicts with neither
+gradient (:func:`project_to_cone`), and :func:`anchor_similarity` — logged every step — measures what is kept.
+
+The guarantee (no step goes up the meta or anchor loss to first order) holds for plain SGD on the guided
+gradient (ProGrad's setting, ``SMGSConfig.apply_to="gradient"``); Adam's per-coordinate scaling and momentum
+break it. So by default (``apply_to="update"``) the optimiser steps on the plain task gradient and the rule acts
+on the step it took (:func:`guide_update`): exact for any optimiser, and for plain SGD the same as ProGrad's.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Iterable, Sequence
@@ -44,13 +53,20 @@ def gradients_conflict(g_task: torch.Tensor, g_meta: torch.Tensor) -> bool:
     return bool((g_task.flatten().double() @ g_meta.flatten().double()) < 0)
 
 
-def guide_gradient(g_task: torch.Tensor, g_meta: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+def guide_gradient(g_task: torch.Tensor, g_meta: torch.Tensor, lam: float = 1.0,
+                   g_anchor: torch.Tensor | None = None, anchor_weight: float = 1.0) -> torch.Tensor:
     """The SMGS rule for one parameter tensor.
 
     ``if ⟨g_task, g_meta⟩ < 0: g = g_task − λ·⟨g_task, ĝ_meta⟩·ĝ_meta`` with ĝ = g / |g|, else ``g = g_task``.
     With λ = 1 the result is orthogonal to g_meta: the component that would move against the meta-prompt is
     removed, the rest of the task gradient is kept. λ = 0, a zero g_meta, or agreeing gradients return
     ``g_task`` itself.
+
+    With ``g_anchor`` (the gradient of the anchor loss, 1 − cos to the *initial* meta-prompt) the step may conflict
+    with neither: the target is the closest direction to g_task that agrees with both (:func:`project_to_cone`;
+    with one conflict that is the rule above, with two the projection onto both hyperplanes), blended with the
+    anchor-free target by ``anchor_weight`` (1 = both guarantees exact, 0 = the anchor ignored); λ scales the
+    whole correction.
 
     Example (conflicting, by hand: ĝ = (−1, 1)/√2, ⟨g_task, ĝ⟩ = −1/√2, g = (1, 0) − (−1/√2)(−1, 1)/√2):
         >>> guide_gradient(torch.tensor([1., 0.]), torch.tensor([-1., 1.]), lam=1.0)
@@ -61,44 +77,138 @@ def guide_gradient(g_task: torch.Tensor, g_meta: torch.Tensor, lam: float = 1.0)
         tensor([1., 0.])
         >>> guide_gradient(torch.tensor([1., 0.]), torch.tensor([0., 2.]))    # orthogonal: unchanged
         tensor([1., 0.])
+        >>> guide_gradient(torch.tensor([1., 1.]), torch.tensor([1., 0.]), g_anchor=torch.tensor([-1., 0.]))
+        tensor([0., 1.])
     """
-    if g_task.shape != g_meta.shape:
-        raise ValueError(f"g_task {tuple(g_task.shape)} and g_meta {tuple(g_meta.shape)} must have the same shape")
+    for name, other in (("g_meta", g_meta), ("g_anchor", g_anchor)):
+        if other is not None and g_task.shape != other.shape:
+            raise ValueError(f"g_task {tuple(g_task.shape)} and {name} {tuple(other.shape)} must have the same shape")
     if lam == 0:
         return g_task
-    norm = g_meta.norm()
-    if norm == 0 or not gradients_conflict(g_task, g_meta):
-        return g_task
-    unit = g_meta / norm  # ĝ_meta
-    return g_task - lam * (g_task * unit).sum() * unit
+    use_anchor = g_anchor is not None and anchor_weight != 0
+    if not (gradients_conflict(g_task, g_meta) or (use_anchor and gradients_conflict(g_task, g_anchor))):
+        return g_task  # no conflict: the task gradient itself
+    target = project_to_cone(g_task, [g_meta])
+    if use_anchor:
+        target = target + anchor_weight * (project_to_cone(g_task, [g_meta, g_anchor]) - target)
+    return g_task + lam * (target - g_task)
 
 
-def apply_smgs(params: Iterable[torch.Tensor], task_loss: torch.Tensor, meta_loss: torch.Tensor, lam: float
-               ) -> dict[str, float | int]:
+def project_to_cone(g: torch.Tensor, normals: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The closest x to ``g`` with ⟨x, n⟩ ≥ 0 for every ``n`` (zero normals impose nothing).
+
+    Exact for a handful of normals: every set of active constraints is tried (x = g minus its projection onto
+    their span), the feasible candidate nearest to g wins. One normal: ProGrad's ``g − ⟨g, n̂⟩n̂`` when in conflict.
+
+    Example:
+        >>> project_to_cone(torch.tensor([1., 0.]), [torch.tensor([-1., 1.])])
+        tensor([0.5000, 0.5000])
+        >>> project_to_cone(torch.tensor([1., 1., 1.]), [torch.tensor([-1., 0., 0.]), torch.tensor([0., -1., 0.])])
+        tensor([0., 0., 1.])
+    """
+    x0 = g.flatten().double()  # (n,)
+    rows = [n.flatten().double().to(x0.device) for n in normals]
+    rows = [n for n in rows if n.norm() > 0]
+    tol = 1e-9 * float(x0.norm())
+
+    def feasible(x):
+        return all(float(x @ n) >= -tol * float(n.norm()) for n in rows)
+
+    best, best_dist = torch.zeros_like(x0), float(x0.norm())  # x = 0 always satisfies every constraint
+    for size in range(len(rows) + 1):
+        for active in itertools.combinations(rows, size):
+            x = x0
+            if active:
+                m = torch.stack(active)  # (k, n)
+                x = x0 - m.T @ (torch.linalg.pinv(m @ m.T) @ (m @ x0))  # remove the part in span(active)
+            dist = float((x0 - x).norm())
+            if dist < best_dist and feasible(x):
+                best, best_dist = x, dist
+    return best.to(g.dtype).view_as(g)
+
+
+def apply_smgs(params: Iterable[torch.Tensor], task_loss: torch.Tensor, meta_loss: torch.Tensor, lam: float,
+               anchor_loss: torch.Tensor | None = None, anchor_weight: float = 1.0, guide: bool = True) -> dict:
     """Write SMGS-guided gradients into ``p.grad`` of every parameter tensor (the per-tensor rule).
 
-    Both gradients come from ``torch.autograd.grad`` (the task graph is retained for the meta gradient);
-    ``p.grad`` is *overwritten*, not accumulated. Parameters neither loss reaches (e.g. the prompts of a
-    category absent from the batch) keep ``grad = None`` and are not counted.
+    The gradients come from ``torch.autograd.grad`` (the task graph is retained for the meta gradients);
+    ``p.grad`` is *overwritten*, not accumulated. Parameters no loss reaches (e.g. the prompts of a category
+    absent from the batch) keep ``grad = None`` and are not counted. ``anchor_loss`` (1 − cos to the initial
+    meta-prompt) adds the anchor's gradient to the rule (:func:`guide_gradient`). ``guide=False`` writes the plain
+    task gradient (the rule then acts on the optimiser's update instead, :func:`guide_update`) and only counts.
 
     Returns:
-        ``conflict_rate`` (fraction of counted tensors whose gradients conflicted), ``conflicts``, ``tensors``.
+        ``conflict_rate`` (fraction of counted tensors whose task gradient conflicted with the meta or the anchor
+        gradient), ``conflicts``, ``tensors``, and ``meta_grads`` / ``anchor_grads`` (one tensor or None per
+        parameter, for :func:`guide_update` after the optimiser step).
     """
     params = [p for p in params if p.requires_grad]
+    use_anchor = anchor_loss is not None and anchor_weight != 0 and anchor_loss.requires_grad
     task_grads = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
-    meta_grads = torch.autograd.grad(meta_loss, params, allow_unused=True) if meta_loss.requires_grad \
+    meta_grads = torch.autograd.grad(meta_loss, params, retain_graph=use_anchor, allow_unused=True) \
+        if meta_loss.requires_grad else [None] * len(params)
+    anchor_grads = torch.autograd.grad(anchor_loss, params, allow_unused=True) if use_anchor \
         else [None] * len(params)
     conflicts = counted = 0
-    for p, g_task, g_meta in zip(params, task_grads, meta_grads):
+    for p, g_task, g_meta, g_anchor in zip(params, task_grads, meta_grads, anchor_grads):
         if g_task is None and g_meta is None:
             continue
         counted += 1
         g_task = g_task if g_task is not None else torch.zeros_like(p)
-        if g_meta is not None and gradients_conflict(g_task, g_meta):
-            conflicts += 1
-            g_task = guide_gradient(g_task, g_meta, lam)
-        p.grad = g_task.detach()
-    return {"conflict_rate": conflicts / counted if counted else 0.0, "conflicts": conflicts, "tensors": counted}
+        g_meta = g_meta if g_meta is not None else torch.zeros_like(p)
+        guided = guide_gradient(g_task, g_meta, lam, g_anchor, anchor_weight)
+        conflicts += guided is not g_task
+        p.grad = (guided if guide else g_task).detach()
+    return {"conflict_rate": conflicts / counted if counted else 0.0, "conflicts": conflicts, "tensors": counted,
+            "meta_grads": list(meta_grads), "anchor_grads": list(anchor_grads)}
+
+
+@torch.no_grad()
+def guide_update(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
+                 meta_grads: Sequence[torch.Tensor | None], lam: float,
+                 anchor_grads: Sequence[torch.Tensor | None] | None = None, anchor_weight: float = 1.0) -> int:
+    """The SMGS rule on the optimiser's *update*, so its guarantee holds whatever the optimiser.
+
+    ProGrad's guarantee — the step never increases the meta loss to first order, ⟨Δp, g_meta⟩ ≤ 0 — holds for
+    plain SGD on guided gradients, but Adam rescales each coordinate (and momentum adds past gradients), so
+    the update Δp = p − before can point up the meta loss even when the gradient did not. Per tensor the rule
+    of :func:`guide_gradient` is applied to −Δp (the direction the step went down) against the meta and anchor
+    gradients; λ = 1 (and ``anchor_weight`` 1) makes the step agree with both to first order. For plain SGD on
+    guided gradients this never fires.
+
+    Returns:
+        how many tensors were projected.
+
+    Example (an Adam-like step (1, 1) while the meta gradient is (1, 0): the part going up the meta loss goes):
+        >>> p = torch.tensor([1., 1.]); guide_update([p], [torch.zeros(2)], [torch.tensor([1., 0.])], 1.0)
+        1
+        >>> p
+        tensor([0., 1.])
+    """
+    projected = 0
+    anchor_grads = anchor_grads if anchor_grads is not None else [None] * len(params)
+    for p, start, g_meta, g_anchor in zip(params, before, meta_grads, anchor_grads):
+        if (g_meta is None and g_anchor is None) or lam == 0:
+            continue
+        descent = start - p  # −Δp: the direction the step went down, in the place of g_task
+        g_meta = g_meta.to(descent) if g_meta is not None else torch.zeros_like(descent)
+        g_anchor = g_anchor.to(descent) if g_anchor is not None else None
+        guided = guide_gradient(descent, g_meta, lam, g_anchor, anchor_weight)
+        if guided is not descent:  # the step went up the meta (or anchor) loss
+            p.copy_(start - guided)
+            projected += 1
+    return projected
+
+
+def anchor_similarity(learned_text: torch.Tensor, anchor_text: torch.Tensor) -> float:
+    """Mean cosine of the learned [normal, anomalous] features to the anchor's (the *initial* meta-prompt),
+    class by class, over every prompt pair: how much of the hand-written generic semantics the prompts keep.
+
+    Example:
+        >>> anchor_similarity(torch.tensor([[1., 0.], [0., 1.]]), torch.tensor([[1., 0.], [1., 0.]]))
+        0.5
+    """
+    return 1 - float(cosine_distance(learned_text.detach().float(), anchor_text))
 
 
 # ------------------------------------------------------------------------------------ the meta loss
@@ -136,7 +246,7 @@ def meta_loss(config: SMGSConfig, learned_text: torch.Tensor, meta_text: torch.T
     """
     meta_text = meta_text.detach()
     if config.meta_loss == "cosine":
-        return (1 - (F.normalize(learned_text, dim=-1) * F.normalize(meta_text, dim=-1)).sum(-1)).mean()
+        return cosine_distance(learned_text, meta_text)
     if config.meta_loss != "kl":
         raise ValueError(f"SMGSConfig.meta_loss must be one of {META_LOSSES}, got {config.meta_loss!r}")
     if features is None:
@@ -151,6 +261,17 @@ def meta_loss(config: SMGSConfig, learned_text: torch.Tensor, meta_text: torch.T
     if config.patch_level:
         loss = loss + kl_divergence(meta_patches, learned_logits[1])
     return loss
+
+
+def cosine_distance(learned_text: torch.Tensor, target_text: torch.Tensor) -> torch.Tensor:
+    """Mean over classes (and pairs) of 1 − cos(learned, target); the target is a constant.
+
+    Example:
+        >>> cosine_distance(torch.tensor([[1., 0.], [0., 1.]]), torch.tensor([[1., 0.], [1., 0.]]))
+        tensor(0.5000)
+    """
+    target = F.normalize(target_text.detach().float(), dim=-1).to(learned_text.device)  # (2, D)
+    return (1 - (F.normalize(learned_text, dim=-1) * target).sum(-1)).mean()
 
 
 # ------------------------------------------------------------------------------------ the meta-prompt

@@ -4,7 +4,8 @@ One call does the whole of APT's training::
 
     clean shots ──encode once──────────────────────────────► clean features (label 0, no anomalous patch)
     shots ──perturb (ROI, seeded)──encode once per refresh──► pool features  (label 1, patch target = mask)
-    each step: a batch mixed from both → task loss (CE + focal + dice) and meta loss → SMGS → Adam
+    each step: a batch mixed from both → task loss (CE + focal + dice), meta and anchor loss → SMGS's rule →
+               the optimiser (Adam or SGD) → the rule again on the optimiser's update
 
 The encoder is frozen, so features of a fixed image never change: encoding the pool once and re-using it
 makes a step cost one text-tower pass instead of a vision pass over the batch (``benchmarks/bench_tuning.py``
@@ -39,10 +40,11 @@ from .perturbations import perturb, perturb_features
 from .roi import region_of_interest
 from .prompts import PromptLearner
 from .scoring import patch_logits
-from .smgs import MetaPrompt, apply_smgs, meta_loss
+from .smgs import MetaPrompt, anchor_similarity, apply_smgs, cosine_distance, guide_update, meta_loss
 
-HISTORY_KEYS = ("step", "loss", "image_loss", "focal", "dice", "meta_loss", "conflict_rate", "meta_drift",
-                "held_out_loss", "seconds")
+HISTORY_KEYS = ("step", "loss", "image_loss", "focal", "dice", "meta_loss", "conflict_rate", "anchor_similarity",
+                "meta_drift", "held_out_loss", "seconds")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TuneResult:
             ``pool_builds``, ``steps_s`` (sum over steps), ``step_s`` (mean per step), ``total_s``.
         interrupted: True when a KeyboardInterrupt or a callback's :class:`StopTraining` ended it early.
         config: the configuration it ran with; categories: the shot groups (None for one unnamed group).
+        initial_prompts: a frozen copy of the prompts before the first step ("before tuning", no rebuild).
     """
 
     prompts: PromptLearner
@@ -66,6 +69,7 @@ class TuneResult:
     interrupted: bool = False
     config: APTConfig | None = None
     categories: list[str] | None = None
+    initial_prompts: PromptLearner | None = None
 
     def curve(self, key: str = "loss") -> list[float | None]:
         """One history key as a list, e.g. ``result.curve("meta_drift")``."""
@@ -242,8 +246,18 @@ def _losses(learner, meta, batch: Examples, config: APTConfig, with_meta: bool):
     return total, parts, m_loss, text
 
 
+def _optimizer(params, train) -> torch.optim.Optimizer:
+    """``train.optimizer``: Adam, or SGD with momentum (ProGrad's setting)."""
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    raise ValueError(f"config.train.optimizer={train.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
 def _step(learner, meta, optimizer, batch: Examples, config: APTConfig, step: int, result: "TuneResult") -> dict:
-    """One optimiser step: task and meta loss, SMGS's gradient rule (λ > 0), the optimiser, the meta update."""
+    """One optimiser step: task and meta loss, SMGS's gradient rule (λ > 0), the optimiser, the rule again on the
+    optimiser's update (:func:`~apt_lab.smgs.guide_update`: Adam and momentum must not undo the guarantee)."""
     optimizer.zero_grad(set_to_none=True)
     total, parts, m_loss, text = _losses(learner, meta, batch, config, with_meta=True)
     if not torch.isfinite(total):
@@ -252,14 +266,28 @@ def _step(learner, meta, optimizer, batch: Examples, config: APTConfig, step: in
             f"the task loss became {_number(total)} at step {step} (lr={lr:g}); lower config.train.lr (e.g. "
             f"{lr / 10:g}). The prompts from before this step are in error.result.", result)
     conflict_rate = None  # λ = 0: SMGS off, no meta gradient
-    if config.smgs.lam > 0:
-        conflict_rate = apply_smgs(learner.parameters(), total, m_loss, config.smgs.lam)["conflict_rate"]
+    params = [p for p in learner.parameters() if p.requires_grad]
+    if config.smgs.lam > 0:  # the anchor: 1 − cos to the initial meta-prompt, guarded like the meta loss
+        smgs = config.smgs
+        on_update = smgs.apply_to in ("update", "both")
+        guided = apply_smgs(params, total, m_loss, smgs.lam, cosine_distance(text, meta.initial), smgs.anchor_weight,
+                            guide=smgs.apply_to in ("gradient", "both"))
+        conflict_rate = guided["conflict_rate"]
+        if on_update:  # the rule on the step the optimiser takes: its guarantee then holds for Adam too
+            before = [p.detach().clone() for p in params]
+            optimizer.step()
+            projected = guide_update(params, before, guided["meta_grads"], smgs.lam, guided["anchor_grads"],
+                                     smgs.anchor_weight)
+            if smgs.apply_to == "update":  # where the rule acted: on the update
+                conflict_rate = projected / guided["tensors"] if guided["tensors"] else 0.0
+        else:
+            optimizer.step()
     else:
         total.backward()
-    optimizer.step()
+        optimizer.step()
     return {"loss": _number(total), "image_loss": _number(parts["image_loss"]), "focal": _number(parts["focal"]),
             "dice": _number(parts["dice"]), "meta_loss": _number(m_loss), "conflict_rate": conflict_rate,
-            "text": text.detach()}
+            "anchor_similarity": anchor_similarity(text, meta.initial), "text": text.detach()}
 
 
 def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callable[[dict], None]] = (),
@@ -287,7 +315,10 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
             result of the steps before it in ``.result``.
 
     History records hold :data:`HISTORY_KEYS`; ``meta_loss`` is computed (detached) even when λ = 0, while
-    ``conflict_rate`` is None then (SMGS off: no meta gradient); ``held_out_loss`` is None except at
+    ``conflict_rate`` (the share of prompt tensors where the rule acted: on the update with ``smgs.apply_to`` =
+    "update", else on the gradient) is None then (SMGS off: no meta gradient); ``meta_loss`` is measured against the *moving*
+    meta-prompt, ``anchor_similarity`` (cosine to the *initial* one, :func:`~apt_lab.smgs.anchor_similarity`)
+    for the prompts the step started from, in every arm; ``held_out_loss`` is None except at
     ``periodic`` re-anchoring steps. Batches: ``round(batch_size · anomaly_fraction)`` anomalies drawn from
     the pool (all shot groups), the rest clean shots; pool_size perturbed images *per shot group*.
     """
@@ -295,16 +326,19 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     names, groups = _shot_groups(shots, categories)
     named = [n for n in names if n is not None]
     learner = PromptLearner(backbone, config.prompts, categories=named or None, seed=train.seed)
+    initial = PromptLearner(backbone, config.prompts, categories=named or None, seed=train.seed)
+    initial.load_state_dict(learner.state_dict())
+    initial.requires_grad_(False).eval()
     meta = MetaPrompt(backbone, config.smgs, categories=named).to(backbone.device)
     rng = torch.Generator().manual_seed(train.seed)  # perturbations and batch order; CPU, device-independent
     timings = {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0, "pool_builds": 0, "steps_s": 0.0,
                "step_s": 0.0, "total_s": 0.0}
-    result = TuneResult(learner, meta, [], timings, False, config, named or None)
+    result = TuneResult(learner, meta, [], timings, False, config, named or None, initial)
     data = _Data(backbone, [g.to(backbone.device) for g in groups], names, roi, config, rng, timings)
     held_out = None
     if config.smgs.update == "periodic":  # anomalies never trained on, for the re-anchoring decision
         held_out = Examples.cat([data.build_pool(max(1, config.smgs.heldout_size)), data.clean])
-    optimizer = torch.optim.Adam(learner.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = _optimizer(learner.parameters(), train)
     bar = _progress_bar(train.steps, progress)
     try:
         for step in range(train.steps):

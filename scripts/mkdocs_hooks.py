@@ -1,15 +1,76 @@
-"""mkdocs hooks (see mkdocs.yml ``hooks:``): read apt_lab's ``Example:`` docstring sections as examples.
+"""mkdocs hooks (see mkdocs.yml ``hooks:``): executed notebooks, offline math and plots, docstring examples as code.
 
-apt_lab's docstrings title their doctest sections ``Example:`` (singular). Griffe's Google parser knows only
-``Examples:`` and would render the singular form as an admonition of plain markdown, where ``>>>`` lines become
-block quotes and doctest output like ``[1, 0]`` looks like reference links. This hook maps the singular title to
-the same section kind, so both render as highlighted code.
+1. **Notebook pages show their outputs.** The notebooks are committed without outputs; before the pages are
+   rendered, each is executed in quick mode (``APT_LAB_QUICK=1``, offline) into
+   ``.cache/docs-notebooks/<key>/notebooks/`` and the page is rendered from that copy. ``<key>`` hashes the
+   notebook, the apt_lab sources and this file, so a rebuild executes only what changed. A cell that raises
+   fails the build, naming the notebook. Plotly figures become ``<div>`` + ``Plotly.newPlot`` HTML; widgets
+   keep the static copy of their first picture (``text/html`` of their display bundle) since a static page has
+   no kernel. Cells tagged ``solution`` (the exercises' hidden answers) are neither executed nor shown.
+   ``APT_LAB_DOCS_EXECUTE=0 mkdocs build`` skips the execution (pages without outputs; a quick look at text).
+2. **Offline math and plots.** MathJax 3 (the ``tex-svg.js`` bundle of the ``django-static-mathjax`` wheel: one
+   file, no fonts to fetch) and ``plotly.min.js`` (from the plotly package) are copied into ``site/assets/``
+   and loaded in the ``<head>`` of the pages that need them; mkdocs-jupyter's own MathJax 2 tag (a CDN URL) is
+   removed. Math is typeset inside ``arithmatex`` elements (``\\(…\\)`` in markdown pages) and notebook
+   markdown cells (``$…$``).
+3. **Docstring examples render as code.** apt_lab's docstrings title their doctest sections ``Example:`` or
+   ``Example (what is checked by hand):``. Griffe's Google parser knows only ``Examples:`` and would render the
+   others as plain paragraphs, where ``>>>`` lines become block quotes. The parser is taught both forms; the
+   parenthesis stays in the section's title.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
+import shutil
+from pathlib import Path
 
 log = logging.getLogger("mkdocs.hooks.apt_lab")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXECUTED = ROOT / ".cache" / "docs-notebooks"  # gitignored (.cache/)
+HOOK_VERSION = "2"  # bump to re-execute every notebook after changing how outputs are processed
+KERNEL_ENV = {"APT_LAB_QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
+              "PLOTLY_RENDERER": "plotly_mimetype"}  # figures as JSON only: this hook writes their HTML
+SOLUTION_TAG = "solution"
+CELL_TIMEOUT_S = 600
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+MATHJAX_ASSET = "assets/mathjax/tex-svg.js"
+PLOTLY_ASSET = "assets/javascripts/plotly.min.js"
+MATHJAX_CONFIG = """<script>
+window.MathJax = {
+  tex: {inlineMath: [["\\\\(", "\\\\)"], ["$", "$"]], displayMath: [["\\\\[", "\\\\]"], ["$$", "$$"]],
+        processEscapes: true},
+  // every element with a class is skipped, with all inside it, except these two (and all inside them)
+  options: {ignoreHtmlClass: "[^ ]+", processHtmlClass: "arithmatex|jp-MarkdownOutput"},
+  svg: {fontCache: "global"}
+};
+</script>"""
+# mkdocs-jupyter's MathJax 2 tags (a CDN URL and its text/x-mathjax-config block): replaced by ours
+_NBCONVERT_MATHJAX = re.compile(r'<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->', re.S)
+_MATH_IN_NOTEBOOK = re.compile(r'class="[^"]*jp-MarkdownOutput[^"]*"[^>]*>(?:(?!</div>).)*?(\$[^$\n]+\$|\\\()',
+                               re.S)
+
+
+# ---------------------------------------------------------------------------------------- 3. docstrings
+class _ExampleTitles:
+    """Stands in for griffe's admonition regex: also reads ``Example (note):`` as an examples section."""
+
+    _EXAMPLE = re.compile(r"^(?P<type>Examples?)\s+(?P<note>\(.*\))\s*:\s*$")
+
+    def __init__(self, original):
+        self.original = original
+
+    def match(self, line: str):
+        found = self._EXAMPLE.match(line)
+        if found is None:
+            return self.original.match(line)
+        groups = {"type": found["type"], "title": f"{found['type']} {found['note']}"}
+        return type("Match", (), {"groupdict": lambda self: groups})()
 
 
 def on_startup(command, dirty):  # noqa: ARG001 - mkdocs hook signature
@@ -17,6 +78,125 @@ def on_startup(command, dirty):  # noqa: ARG001 - mkdocs hook signature
         from griffe import DocstringSectionKind
         from griffe._internal.docstrings import google
     except ImportError:  # a griffe without this layout: leave the default behaviour
-        log.info("griffe internals moved; 'Example:' sections render as admonitions")
+        log.warning("griffe internals moved; 'Example:' sections render as plain text")
         return
     google._section_kind.setdefault("example", DocstringSectionKind.examples)
+    if not isinstance(google._RE_ADMONITION, _ExampleTitles):
+        google._RE_ADMONITION = _ExampleTitles(google._RE_ADMONITION)
+
+
+# ---------------------------------------------------------------------------------------- 1. notebooks
+def _fingerprint() -> str:
+    """What an executed notebook depends on besides itself: apt_lab's sources and data files, and this hook."""
+    digest = hashlib.sha256(HOOK_VERSION.encode())
+    for path in sorted((ROOT / "apt_lab").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def docs_outputs(nb) -> None:
+    """Make ``nb``'s outputs renderable on a static page (in place): plotly JSON → HTML, no widget views."""
+    import plotly.io as pio
+
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data")
+            if not data:
+                continue
+            if PLOTLY_MIME in data:
+                figure = pio.from_json(json.dumps(data.pop(PLOTLY_MIME)), skip_invalid=True)
+                data["text/html"] = pio.to_html(figure, include_plotlyjs=False, full_html=False,
+                                                config={"responsive": True})
+            if WIDGET_VIEW in data and "text/html" in data:  # no kernel on the page: show the static copy
+                del data[WIDGET_VIEW]
+    nb.metadata.pop("widgets", None)
+
+
+def executed_copy(source: Path, fingerprint: str) -> Path:
+    """``source`` executed in quick mode and made static (:func:`docs_outputs`); cached by content."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    key = hashlib.sha256(source.read_bytes() + fingerprint.encode()).hexdigest()[:16]
+    target = EXECUTED / key / "notebooks" / source.name
+    if target.is_file():
+        return target
+    nb = nbformat.read(source, as_version=4)
+    for cell in nb.cells:  # the exercises' answers stay in the notebook, not on the page
+        if SOLUTION_TAG in cell.metadata.get("tags", []):
+            cell.metadata["tags"] = [*cell.metadata["tags"], "skip-execution"]
+    log.info("executing %s in quick mode for its docs page (cached in %s)", source.name, target.parent.parent)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(source.parent)}})
+    try:
+        client.execute(env={**os.environ, **KERNEL_ENV})
+    except CellExecutionError as error:
+        from mkdocs.exceptions import PluginError
+
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours in the build log
+        raise PluginError(f"{source.relative_to(ROOT)} failed while executing it for the docs:\n{message}") from error
+    docs_outputs(nb)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    nbformat.write(nb, partial)
+    partial.replace(target)
+    for stale in EXECUTED.glob(f"*/notebooks/{source.name}"):  # older executions of this notebook
+        if stale != target:
+            shutil.rmtree(stale.parent.parent, ignore_errors=True)
+    return target
+
+
+def on_files(files, config):  # noqa: ARG001 - mkdocs hook signature
+    if os.environ.get("APT_LAB_DOCS_EXECUTE", "").strip() == "0":
+        log.info("APT_LAB_DOCS_EXECUTE=0: notebook pages are rendered without outputs")
+        return files
+    fingerprint = None
+    for file in files:
+        if not (file.src_uri.startswith("notebooks/") and file.src_uri.endswith(".ipynb")):
+            continue
+        fingerprint = fingerprint or _fingerprint()
+        executed = str(executed_copy(Path(file.abs_src_path).resolve(), fingerprint))
+        file.abs_src_path = executed  # mkdocs-jupyter's wrapper and the file it wraps both read this
+        inner = file.__dict__.get("file")
+        if inner is not None:
+            inner.abs_src_path = executed
+    return files
+
+
+# ---------------------------------------------------------------------------------------- 2. math and plots
+def _asset(page, path: str) -> str:
+    from mkdocs.utils import get_relative_url
+
+    return get_relative_url(path, page.url)
+
+
+def has_math(html: str) -> bool:
+    """Whether a page holds math MathJax must typeset (arithmatex elements, or $…$ / \\(…\\) in notebook text)."""
+    return 'class="arithmatex"' in html or _MATH_IN_NOTEBOOK.search(html) is not None
+
+
+def on_post_page(output, page, config):  # noqa: ARG001 - mkdocs hook signature
+    output = _NBCONVERT_MATHJAX.sub("", output)
+    head = []
+    if "Plotly.newPlot" in output:  # inline figure scripts run while the page loads: plotly.js goes first
+        head.append(f'<script src="{_asset(page, PLOTLY_ASSET)}"></script>')
+    if has_math(output):
+        head.append(MATHJAX_CONFIG + f'\n<script defer src="{_asset(page, MATHJAX_ASSET)}"></script>')
+    if head:
+        output = output.replace("</head>", "\n".join(head) + "\n</head>", 1)
+    return output
+
+
+def on_post_build(config):
+    import mathjax
+    import plotly
+
+    site = Path(config["site_dir"])
+    for source, target in ((Path(mathjax.__file__).parent / "static" / "mathjax" / "es5" / "tex-svg.js", MATHJAX_ASSET),
+                           (Path(plotly.__file__).parent / "package_data" / "plotly.min.js", PLOTLY_ASSET)):
+        (site / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, site / target)

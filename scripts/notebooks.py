@@ -11,33 +11,44 @@ Everything else in a notebook (its text, its other cells, cell ids, JupyterLab's
 Without ``--check`` it fixes the notebooks in place; with ``--check`` it changes nothing and exits 1, naming
 each notebook and what differs.
 
-Forks: change REPO (and BRANCH) below and run this script once; the badges and install cells follow.
+Forks: change REPO below and run this script once; the badges and install cells follow. A release: bump
+apt_lab/_version.py, run this script, commit, and tag the commit ``v<version>`` (badges and installs point at it).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from pathlib import Path
 
 import nbformat
 
 REPO = "apt-lab/apt_lab"  # GitHub owner/name the Colab badges and the install cell point at
-BRANCH = "main"
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
+VERSION = re.search(r'__version__\s*=\s*"([^"]+)"', (ROOT / "apt_lab" / "_version.py").read_text()).group(1)
+REF = f"v{VERSION}"  # the release tag both the badge (notebook) and the install cell (library) use: they match
 
 BADGE_START = "[![Open In Colab]"
 BADGE = (BADGE_START + "(https://colab.research.google.com/assets/colab-badge.svg)]"
-         "(https://colab.research.google.com/github/{repo}/blob/{branch}/notebooks/{name})")
+         "(https://colab.research.google.com/github/{repo}/blob/{ref}/notebooks/{name})")
 
-INSTALL = f'''# Colab only: install apt_lab (a no-op everywhere else, e.g. in a clone with `make install`).
-import subprocess
+# A visible `%pip install` pinned to the release tag. Colab imports some packages (ipywidgets, numpy, ...) when the
+# kernel starts; if pip changed one of those, the new version is used only after a restart, and the cell says so.
+INSTALL = f'''# Colab only: install apt_lab {VERSION} (release tag {REF}). Elsewhere nothing happens (in a clone: `make install`).
 import sys
 
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "apt-lab @ git+https://github.com/{REPO}"],
-                   check=True)'''
+    from importlib.metadata import packages_distributions, version
+
+    loaded = {{d: version(d) for m, ds in packages_distributions().items() if m in sys.modules for d in ds}}
+    %pip install "apt-lab @ git+https://github.com/{REPO}@{REF}"
+    changed = [f"{{d}} {{v}} → {{version(d)}}" for d, v in loaded.items() if version(d) != v]
+    if changed:  # already imported at an older version: only a restart loads the new one
+        print(f"RESTART NEEDED: pip changed {{', '.join(changed)}}. Runtime → Restart session, then run the next cells.")
+    else:
+        print(f"apt_lab {{version('apt-lab')}} is installed; no restart needed.")'''
 
 SETUP = '''# The same imports in every notebook (hence the noqa: a notebook may leave one of them unused).
 import torch  # noqa: F401
@@ -46,7 +57,9 @@ import apt_lab  # noqa: F401
 from apt_lab import plots, widgets  # noqa: F401
 from apt_lab.notebook import setup
 
-session = setup(seed=0)      # quick mode on a CPU (or APT_LAB_QUICK=1), full mode on a GPU
+# mode: None = quick on a CPU, full on a GPU (or "quick" / "full"); dataset: "demo" or e.g. "mvtec" with data_root=
+# the folder that holds mvtec/ (in Colab: data_root=apt_lab.notebook.mount_drive("datasets")).
+session = setup(seed=0, mode=None, dataset=None, data_root=None)
 config = session.config
 backbone = session.backbone()
 backbone'''
@@ -58,7 +71,7 @@ VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled")
 
 def badge(name: str) -> str:
     """The Colab badge line of notebook file ``name`` (e.g. ``04_score.ipynb``)."""
-    return BADGE.format(repo=REPO, branch=BRANCH, name=name)
+    return BADGE.format(repo=REPO, ref=REF, name=name)
 
 
 def _diff(found: str, expected: str) -> str:
@@ -70,9 +83,11 @@ def _diff(found: str, expected: str) -> str:
 def _resembles(source: str, template: str) -> bool:
     """Whether ``source`` is a drifted copy of ``template`` (safe to overwrite) rather than some other cell.
 
-    Other notebook cells score below 0.1 against the templates; an edited shared cell stays well above 0.5.
+    Other notebook cells score below 0.1 against the templates; an edited shared cell stays well above 0.5. A
+    cell that starts with the template's opening words (an older version of the template) counts too.
     """
-    return difflib.SequenceMatcher(None, source, template).ratio() >= 0.5
+    opening = " ".join(template.split("\n", 1)[0].split()[:5])  # e.g. "# Colab only: install apt_lab"
+    return source.startswith(opening) or difflib.SequenceMatcher(None, source, template).ratio() >= 0.5
 
 
 def _stamp_badge(header: nbformat.NotebookNode, name: str) -> str | None:

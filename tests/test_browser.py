@@ -77,6 +77,9 @@ def jupyter_lab(folder: Path, **extra_env):
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
         '{"fetchNews": "false", "checkForUpdates": false, "doNotDisturbMode": true}')
+    notebook_settings = folder / "settings" / "@jupyterlab" / "notebook-extension"
+    notebook_settings.mkdir(parents=True)  # every cell in the page, not only those scrolled into view
+    (notebook_settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     log = open(folder / "jupyter.log", "w")
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
                f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}", "--ServerApp.port_retries=0",
@@ -140,8 +143,10 @@ def open_and_run_all(browser, lab, notebook: str):
     base, token, _ = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.set_default_timeout(120_000)
-    page.goto(f"{base}/lab/tree/{notebook}?token={token}")
+    page.goto(f"{base}/lab/tree/{notebook}?token={token}&reset")  # reset: not the tabs a previous page left open
     page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')")
+    page.wait_for_function(f"""() => {{ const w = window.jupyterapp.shell.currentWidget;
+        return w && w.context && w.context.path.endsWith({json.dumps(notebook)}); }}""")
     page.wait_for_function("""() => { const w = window.jupyterapp.shell.currentWidget;
         return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
                && w.sessionContext.session.kernel.connectionStatus === 'connected'; }""")
@@ -232,4 +237,47 @@ def test_screenshots_for_docs(lab, browser, notebook, index, name):
     page.wait_for_timeout(1000)
     widget.screenshot(path=str(IMAGES / name))
     assert (IMAGES / name).stat().st_size > 10_000
+    page.close()
+
+
+def output_problems(page) -> dict:
+    """What a reader would see wrong in the outputs: tracebacks, literal ``<b>`` tags, and numbers with more than
+    six decimals in any plotly figure's visible text (titles, ticks, labels, cell texts)."""
+    return page.evaluate(r"""() => {
+        const outputs = [...document.querySelectorAll('.jp-OutputArea-output')];
+        const text = outputs.map(o => o.innerText || '');
+        const plots = '.jp-OutputArea-output.js-plotly-plot, .jp-OutputArea-output .js-plotly-plot';  // both renderers
+        const figureText = [...document.querySelectorAll(plots.split(', ').map(p => p + ' svg text').join(', '))]
+            .map(t => t.textContent || '');
+        return {
+            tracebacks: text.filter(t => /Traceback \(most recent call last\)|Error: /.test(t)).map(t => t.slice(0, 300)),
+            raw_bold: text.filter(t => t.includes('<b>')).map(t => t.slice(0, 200)),
+            long_floats: figureText.filter(t => /\d\.\d{7,}/.test(t)),
+            figures: document.querySelectorAll(plots).length,
+        }; }""")
+
+
+@pytest.mark.parametrize("notebook", ["01_perturb.ipynb", "03_smgs.ipynb", "04_score.ipynb"])
+def test_notebook_reads_clean_in_jupyterlab(lab, browser, notebook):
+    """Run all (exercise solutions included), as a student would; nothing in the outputs may mislead."""
+    page = open_and_run_all(browser, lab, notebook)
+    page.wait_for_timeout(2000)  # let the last figures draw
+    found = output_problems(page)
+    shot = ARTIFACTS / f"{notebook.split('.')[0]}_run_all.png"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert found["figures"] >= 3, found
+    assert not found["tracebacks"], f"{notebook}: {found['tracebacks']}"
+    assert not found["raw_bold"], f"{notebook}: a raw <b> string is shown: {found['raw_bold']}"
+    assert not found["long_floats"], f"{notebook}: figure labels with more than 6 decimals: {found['long_floats']}"
+    if notebook == "04_score.ipynb":  # code moved the viewer (other trace counts): its colour bar must stay visible
+        viewer = page.locator(".apt-lab-widget").last
+        viewer.scroll_into_view_if_needed()
+        page.wait_for_timeout(1000)
+        canvas, bar = viewer.evaluate("""el => { const plot = el.querySelector('.js-plotly-plot');
+            const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.right, r.width]; };
+            const bar = plot.querySelector('.colorbar');
+            return [box(plot.querySelector('.main-svg')), bar ? box(bar) : null]; }""")
+        assert bar is not None and bar[2] > 20, f"the map viewer has no colour bar: {bar}"
+        assert canvas[0] <= bar[0] and bar[1] <= canvas[1] + 1, f"colour bar {bar} drawn outside the plot {canvas}"
     page.close()

@@ -117,3 +117,46 @@ def test_tensor_shape_mismatch_is_an_error(tiny_backbone, tuned, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="ctx.0"):
         load_prompts(tmp_path / "p", tiny_backbone)
+
+
+def test_corrupt_prompt_files_name_the_path(tiny_backbone, tuned, tmp_path):
+    from apt_lab.errors import CorruptFileError
+
+    save_prompts(tuned, tmp_path / "p")
+    good_json, good_tensors = (tmp_path / "p.json").read_text(), (tmp_path / "p.safetensors").read_bytes()
+    (tmp_path / "p.json").write_text(good_json[: len(good_json) // 2])  # truncated JSON
+    with pytest.raises(CorruptFileError, match=r"p\.json is not valid JSON"):
+        load_prompts(tmp_path / "p", tiny_backbone)
+    info = json.loads(good_json)
+    del info["backbone"]
+    (tmp_path / "p.json").write_text(json.dumps(info))
+    with pytest.raises(CorruptFileError, match=r"p\.json lacks \['backbone'\]"):
+        load_prompts(tmp_path / "p", tiny_backbone)
+    (tmp_path / "p.json").write_text(good_json)
+    (tmp_path / "p.safetensors").write_bytes(good_tensors[: len(good_tensors) // 2])  # truncated tensors
+    with pytest.raises(CorruptFileError, match=r"p\.safetensors cannot be read as safetensors"):
+        load_prompts(tmp_path / "p", tiny_backbone)
+    (tmp_path / "p.safetensors").write_bytes(b"\x00" * 64)  # garbage
+    with pytest.raises(CorruptFileError, match=r"p\.safetensors cannot be read"):
+        load_prompts(tmp_path / "p", tiny_backbone, with_meta=True)
+    (tmp_path / "p.safetensors").write_bytes(good_tensors)
+    info = json.loads(good_json)
+    info["meta"] = {"best_loss": None}  # the meta record lost its config
+    (tmp_path / "p.json").write_text(json.dumps(info))
+    with pytest.raises(CorruptFileError, match=r"p\.json: the meta-prompt record is incomplete"):
+        load_prompts(tmp_path / "p", tiny_backbone, with_meta=True)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from apt_lab.checkpoint import atomic_write
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def broken(tmp):
+        tmp.write_text("half of the n")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

@@ -56,6 +56,7 @@ def test_demo_without_weights_falls_back_to_random_weights_loudly(tmp_path, caps
     assert results["backbone"]["tag"] == "openai"
 
 
-def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        main(["demo", "--preset", "nope"])
+def test_unknown_preset_is_a_clear_error(capsys):
+    assert main(["demo", "--preset", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("apt-lab: error: unknown preset 'nope'") and "Traceback" not in err

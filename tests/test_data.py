@@ -191,7 +191,8 @@ def test_folder_format_with_and_without_masks(tmp_path):
     assert ds.test.labels.tolist() == [0, 0, 1, 1]
     assert ds.test[2].has_mask and ds.test[2].mask.sum() == 6
     assert not ds.test[3].has_mask and not ds.test[3].mask.any()
-    assert not ds.test.has_masks and ds.test.masks(8) is None
+    with pytest.warns(UserWarning, match=r"pixel metrics skipped — 1 of 2 anomalous test images have no mask"):
+        assert not ds.test.has_masks and ds.test.masks(8) is None
     (root / "masks" / "b1.png").write_bytes((root / "masks" / "b0.png").read_bytes())
     ds = load_dataset("folder", root)
     assert ds.test.has_masks and ds.test.masks(8).shape == (4, 8, 8)
@@ -426,3 +427,114 @@ def test_demo_builder_is_deterministic(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())["items"]
     packaged = json.loads((DEMO_ROOT / "manifest.json").read_text())["items"]
     assert manifest == [e for e in packaged if e["category"] == "grass"]
+
+
+# --- hostile names and paths (issue 11, defect 5) ---------------------------------------------------
+def test_split_file_names_and_paths_stay_inside_the_root(visa_root, tmp_path):
+    from apt_lab.errors import UnsafeNameError
+
+    csv_path = visa_root / "split_csv" / "1cls.csv"
+    good = csv_path.read_text()
+    csv_path.write_text(good + "../../../../somewhere,train,normal,candle/Data/Images/Normal/0000.png,\n")
+    with pytest.raises(UnsafeNameError, match=r"1cls\.csv line 8: category '\.\./\.\./\.\./\.\./somewhere' is not"):
+        list_categories("visa", visa_root)
+    _save(_rgb(9), tmp_path / "outside.png")
+    (visa_root / "candle" / "link.png").symlink_to(tmp_path / "outside.png")
+    for path, why in (("../outside.png", "resolves outside the dataset root"),
+                      (str(tmp_path / "outside.png"), "is absolute"),
+                      ("candle/link.png", "resolves outside the dataset root")):
+        csv_path.write_text(good + f"candle,train,normal,{path},\n")
+        with pytest.raises(UnsafeNameError, match=rf"1cls\.csv line 8: path .* {why}"):
+            load_dataset("visa", visa_root, "candle")
+    csv_path.write_text(good + "candle,test,anomaly,candle/Data/Images/Anomaly/000.png,../outside.png\n")
+    with pytest.raises(UnsafeNameError, match="resolves outside"):
+        load_dataset("visa", visa_root, "candle")
+
+
+def test_category_names_are_single_path_components(mvtec_root):
+    from apt_lab.errors import UnsafeNameError
+
+    for name in ("../widget", "widget/../gadget", "..", "a\\b", "/etc", ""):
+        with pytest.raises(UnsafeNameError):
+            load_dataset("mvtec", mvtec_root, name)
+    with pytest.raises(UnsafeNameError, match="not a plain name"):
+        load_dataset("folder", mvtec_root / "widget" / "train", category="../../x")
+
+
+# --- huge images (issue 11, defect 6) -------------------------------------------------------------
+def test_a_120_megapixel_png_is_refused_before_decoding(tmp_path, monkeypatch):
+    from apt_lab.data import images
+    from apt_lab.errors import ImageTooLargeError
+
+    big = Image.new("L", (12_000, 10_000), 128)  # 120 MB in memory, ~120 KB as a PNG
+    big.putpixel((5, 5), 0)
+    path = tmp_path / "good" / "000.png"
+    path.parent.mkdir()
+    big.save(path, optimize=False)
+    del big
+    assert path.stat().st_size < 1 << 20
+    message = r"000\.png is 12000x10000 = 120\.0 megapixels, above the decoding limit of 100\.0 .*MAX_IMAGE_PIXELS"
+    with pytest.raises(ImageTooLargeError, match=message):
+        read_image(path)
+    with pytest.raises(ImageTooLargeError, match="--max-image-pixels 120000000"):
+        read_image(path, 224)
+    _save(_rgb(0), tmp_path / "good" / "001.png")
+    ds = load_dataset("folder", tmp_path)
+    with pytest.raises(ImageTooLargeError):
+        ds.train.images(224)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 40)  # the limit is a setting: 8x6 = 48 pixels is now too many
+    with pytest.raises(ImageTooLargeError, match="above the decoding limit"):
+        ds.test.images(4)
+    assert read_image(tmp_path / "good" / "001.png", max_pixels=48).shape == (3, 6, 8)
+
+
+def _smooth(w: int, h: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([x / w, y / h, 0.5 + 0.4 * np.sin(x / 37.0) * np.cos(y / 23.0)], axis=-1)
+    return (rgb * 255).astype(np.uint8)  # (h, w, 3)
+
+
+def test_large_images_resize_without_a_full_float_copy(tmp_path):
+    """A 24-megapixel JPEG and PNG resized to 224: the peak memory of doing so, measured in a fresh process."""
+    import subprocess
+    import sys
+
+    arr = _smooth(6000, 4000)
+    Image.fromarray(arr).save(tmp_path / "a.jpg", quality=90)
+    Image.fromarray(arr).save(tmp_path / "b.png", compress_level=1)
+    (tmp_path / "good").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).rename(tmp_path / "good" / name)
+    del arr
+    script = (
+        "import resource, numpy as np, torch\n"
+        "from PIL import Image\n"
+        "from apt_lab.data import load_dataset\n"
+        f"root = {str(tmp_path)!r}\n"
+        "Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root + '/warm.png')\n"
+        "from apt_lab.data.images import read_image, resize_images\n"
+        "resize_images(read_image(root + '/warm.png')[None], 224)\n"  # every library loaded and warm
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "ds = load_dataset('folder', root)\n"
+        "x = torch.cat([ds.train.images(224), ds.test.images(224)])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((after - before) / 1024, float(x.mean()))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    peak_mb, mean = (float(v) for v in out.stdout.split())
+    assert 0.2 < mean < 0.8
+    assert peak_mb < 250, f"resizing two 24-megapixel images raised the peak memory by {peak_mb:.0f} MB"
+
+
+def test_pre_shrunk_resize_matches_the_exact_one(tmp_path):
+    big, usual = tmp_path / "big.png", tmp_path / "usual.png"
+    Image.fromarray(_smooth(2000, 1800)).save(big)   # ≥ 8x the target: pre-shrunk by 2 in PIL, then bicubic
+    Image.fromarray(_smooth(1024, 1024)).save(usual)  # < 8x: read exactly as before
+    exact = resize_images(read_image(big)[None], 224)[0]
+    fast = read_image(big, 224)
+    assert fast.shape == exact.shape == (3, 224, 224)
+    assert (fast - exact).abs().max() < 0.01
+    assert torch.equal(read_image(usual, 224), resize_images(read_image(usual)[None], 224)[0])
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = pil_to_tensor(Image.fromarray(np.stack([every] * 3, -1)))  # float32 path == the float64 reference
+    assert torch.equal(x[0], torch.from_numpy((every / 255.0).astype(np.float32)))

@@ -1,9 +1,11 @@
-"""apt_lab.data.download: served from a local http.server on 127.0.0.1 only; unsafe archives refused."""
+"""apt_lab.data.download: served from a local http.server on 127.0.0.1 only; unsafe, corrupt, truncated, partial
+and oversized archives refused with nothing left in the root."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import http.server
+import importlib
 import io
 import socket
 import tarfile
@@ -15,8 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apt_lab.cli import main
 from apt_lab.data import download, load_dataset
 from apt_lab.data.download import ManualDownloadRequired
+from apt_lab.errors import ArchiveLimitError, CorruptArchiveError, IncompleteDatasetError
+
+download_module = importlib.import_module("apt_lab.data.download")  # the name `download` is the function
 
 
 def _png_bytes(seed: int, mask: bool = False) -> bytes:
@@ -60,8 +66,27 @@ def _sha(path: Path) -> str:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; for /short/<file> it announces the full Content-Length but sends only half of the body."""
+
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        if not self.path.startswith("/short/"):
+            return super().do_GET()
+        data = (Path(self.directory) / self.path[len("/short/"):]).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture(autouse=True)
+def widget_manifest(monkeypatch):
+    """The test archives hold one category, 'widget' with 2 train images: that is the expected manifest here."""
+    monkeypatch.setattr(download_module, "manifest", lambda name: {"widget": 2}, raising=False)
 
 
 @pytest.fixture
@@ -210,3 +235,136 @@ def test_known_dataset_already_extracted_is_not_downloaded_again(server, root):
     before = _listing(root)
     assert download("mvtec", root, progress=False) == root.resolve()   # no manual-step error
     assert _listing(root) == before
+
+
+# --- all or nothing (issue 11, defect 4) ----------------------------------------------------------
+BIG_LAYOUT = {**LAYOUT, **{f"widget/test/good/{i:03d}.png": _png_bytes(100 + i) for i in range(1, 40)}}
+
+
+def _flip(path: Path, offset: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x55
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_truncated_http_body_is_refused(server, root):
+    folder, base = server
+    _tar(folder / "tiny.tar.gz", LAYOUT)
+    with pytest.raises(ConnectionError, match=r"short/tiny\.tar\.gz ended after \d+ of the \d+ bytes"):
+        download("mvtec", root, url=f"{base}/short/tiny.tar.gz", progress=False)
+    assert _listing(root) == []
+
+
+def test_flipped_byte_in_tar_gz_is_refused(server, root):
+    folder, base = server
+    archive = _tar(folder / "flip.tar.gz", BIG_LAYOUT)
+    size = archive.stat().st_size
+    for name, offset in (("middle", size // 2), ("crc", size - 6)):  # deflate data; the CRC-32 in the trailer
+        _flip(_tar(folder / f"{name}.tar.gz", BIG_LAYOUT), offset)
+        with pytest.raises(CorruptArchiveError, match=rf"{name}\.tar\.gz is corrupt or truncated"):
+            download("mvtec", root, url=f"{base}/{name}.tar.gz", progress=False)
+        assert _listing(root) == [], name
+
+
+def test_corrupted_tar_header_mid_archive_is_refused(server, root):
+    folder, base = server
+    archive = _tar(folder / "header.tar", BIG_LAYOUT, mode="w")
+    with tarfile.open(archive) as tf:
+        third = tf.getmembers()[2].offset  # the header block of the third member
+    _flip(archive, third + 10)  # inside its name field: the header checksum no longer matches
+    with pytest.raises(CorruptArchiveError, match=r"header\.tar is corrupt.*bad or truncated tar header at byte"):
+        download("mvtec", root, url=f"{base}/header.tar", progress=False)
+    assert _listing(root) == []
+
+
+def test_truncated_archives_name_the_file(tmp_path, root):
+    for suffix, mode in (("tar.xz", "w:xz"), ("tar.gz", "w:gz"), ("tar", "w"), ("zip", None)):
+        path = tmp_path / f"cut.{suffix}"
+        _zip(path, BIG_LAYOUT) if mode is None else _tar(path, BIG_LAYOUT, mode=mode)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+        with pytest.raises((CorruptArchiveError, ValueError), match=rf"cut\.{suffix.replace('.', '[.]')}"):
+            download("mvtec", root, url=str(path), progress=False)
+        assert _listing(root) == [], suffix
+
+
+def test_zip_bomb_is_refused_before_writing(server, root):
+    folder, base = server
+    with zipfile.ZipFile(folder / "bomb.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, data in LAYOUT.items():
+            zf.writestr(name, data)
+        with zf.open("widget/train/good/zeros.png", "w", force_zip64=True) as f:
+            zeros = bytes(1 << 24)
+            for _ in range(32):  # 512 MiB of zeros in a ~2 MiB file
+                f.write(zeros)
+    assert (folder / "bomb.zip").stat().st_size < 8 << 20
+    with pytest.raises(ArchiveLimitError, match=r"bomb\.zip .*more than 256 MiB when extracted"):
+        download("mvtec", root, url=f"{base}/bomb.zip", progress=False)
+    assert _listing(root) == []
+    many = {f"widget/train/good/{i:04d}.png": b"x" for i in range(50)}
+    archive = _tar(folder / "many.tar", many, mode="w")
+    with pytest.raises(ArchiveLimitError, match="more than 20 members"):
+        download("mvtec", root, url=str(archive), max_members=20, progress=False)
+    with pytest.raises(ArchiveLimitError, match="more than 300 bytes when extracted"):
+        download("mvtec", root, url=str(_tar(folder / "t.tar", LAYOUT, mode="w")), max_bytes=300, progress=False)
+    assert _listing(root) == []
+
+
+def test_partial_dataset_is_never_ready(server, root, monkeypatch):
+    folder, base = server
+    monkeypatch.setattr(download_module, "manifest", lambda name: {"widget": 2, "gadget": 1})
+    _tar(folder / "half.tar.gz", LAYOUT)  # widget only: gadget is missing
+    with pytest.raises(IncompleteDatasetError, match=r"half\.tar\.gz does not hold a complete mvtec.*'gadget' is "
+                                                     r"missing.*nothing was moved"):
+        download("mvtec", root, url=f"{base}/half.tar.gz", progress=False)
+    assert _listing(root) == []
+    monkeypatch.setattr(download_module, "manifest", lambda name: {"widget": 3})  # the archive has 2 train images
+    with pytest.raises(IncompleteDatasetError, match="widget has 2 train images, expected 3"):
+        download("mvtec", root, url=f"{base}/half.tar.gz", progress=False)
+    no_mask = {k: v for k, v in LAYOUT.items() if "ground_truth" not in k}
+    _tar(folder / "nomask.tar.gz", no_mask)
+    monkeypatch.setattr(download_module, "manifest", lambda name: {"widget": 2}, raising=False)
+    with pytest.raises(IncompleteDatasetError, match="Missing ground-truth mask"):
+        download("mvtec", root, url=f"{base}/nomask.tar.gz", progress=False)
+    assert _listing(root) == []
+    # a root that already holds a partial copy is reported, never "already there"
+    for name, data in no_mask.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    with pytest.raises(IncompleteDatasetError, match=r"holds an incomplete mvtec.*Missing ground-truth mask"):
+        download("mvtec", root, progress=False)
+
+
+def test_stale_temporaries_are_removed(server, root, capsys):
+    folder, base = server
+    archive = _tar(folder / "tiny.tar.gz", LAYOUT)
+    stale = root / ".apt_lab_extract_k1ll3d"
+    (stale / "widget/train/good").mkdir(parents=True)
+    (stale / "widget/train/good/000.png").write_bytes(b"left by SIGKILL")
+    (root / ".apt_lab_download_x.part").write_bytes(b"half an archive")
+    download("mvtec", root, url=f"{base}/tiny.tar.gz", progress=True)
+    out = capsys.readouterr().out
+    assert "removed 2 temporary file(s)" in out and f"archive sha256 {_sha(archive)}" in out
+    assert _listing(root) == _listing_of(LAYOUT)
+
+
+def _listing_of(files: dict) -> list[str]:
+    paths = set()
+    for name in files:
+        parts = Path(name).parts
+        paths.update(str(Path(*parts[:i])) for i in range(1, len(parts) + 1))
+    return sorted(paths)
+
+
+def test_command_line_download_errors_are_one_message(tmp_path, capsys):
+    archive = _tar(tmp_path / "tiny.tar.gz", LAYOUT)
+    assert main(["download", "mvtec", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert "apt-lab download mvtec" in err and "--url" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+    assert main(["download", "mvtec", str(tmp_path / "data"), "--url", str(archive), "--sha256", "0" * 64]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SHA-256 mismatch" in err and "Traceback" not in err
+    assert main(["download", "mvtec", str(tmp_path / "data"), "--url", str(archive), "--sha256", _sha(archive)]) == 0
+    assert (tmp_path / "data/widget/train/good/000.png").is_file()
+    assert not any(p.name.startswith(".apt_lab") for p in (tmp_path / "data").iterdir())

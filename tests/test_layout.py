@@ -3,7 +3,7 @@
 Layers, top to bottom (a module may import from its own layer and the layers below it, never above):
 
     faces     cli, report, plots, widgets, notebook          what a person runs or sees
-    pipeline  pipeline, checkpoint                           running a method over a dataset, run folders
+    pipeline  pipeline, checkpoint, sweep, features          running a method over a dataset, run folders
     method    perturbations, blobs, roi, prompts, smgs, losses, tuning, scoring, baselines, thresholds
     backbone  backbone, weights                              the frozen open_clip model
     ground    config, data, metrics, errors, env, _version   no model code
@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "apt_lab"
 LAYERS = {
     "faces": {"cli", "report", "plots", "widgets", "notebook"},
-    "pipeline": {"pipeline", "checkpoint"},
+    "pipeline": {"pipeline", "checkpoint", "sweep", "features"},
     "method": {"perturbations", "blobs", "roi", "prompts", "smgs", "losses", "tuning", "scoring", "baselines",
                "thresholds"},
     "backbone": {"backbone", "weights"},

@@ -64,3 +64,71 @@ def test_full_mode_uses_a_benchmark_when_present(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("APT_LAB_DATA", str(tmp_path / "nowhere"))
     session = setup(mode="full")
     assert session.dataset_name == "demo" and "not found" in capsys.readouterr().out
+
+
+def _benchmark(folder, name="mvtec"):
+    (folder / name / "bottle" / "train").mkdir(parents=True)
+    (folder / name / "bottle" / "test").mkdir()
+    return folder / name
+
+
+def test_setup_arguments_win_over_the_environment(monkeypatch, tmp_path, capsys):
+    mvtec = _benchmark(tmp_path / "drive")
+    monkeypatch.setenv("APT_LAB_DATA", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("APT_LAB_DATASET", "visa")
+    monkeypatch.setenv("APT_LAB_QUICK", "1")
+    session = setup(mode="full", dataset="mvtec", data_root=tmp_path / "drive", verbose=True)
+    assert session.mode == "full" and session.dataset_name == "mvtec" and session.data_root == mvtec
+    assert f"data: mvtec at {mvtec}" in capsys.readouterr().out
+    # data_root may also be the dataset folder itself; an explicit dataset counts in quick mode too
+    session = setup(mode="quick", dataset="MVTec", data_root=mvtec, verbose=False)
+    assert session.quick and (session.dataset_name, session.data_root) == ("mvtec", mvtec)
+    assert session.config == APTConfig.preset("quick", train__seed=0)  # the data never changes the preset
+    # without arguments, quick mode ignores APT_LAB_DATASET: the demo set
+    assert setup(verbose=False).dataset_name == "demo"
+
+
+def test_setup_with_a_missing_dataset_folder_says_where_it_looked(tmp_path):
+    (tmp_path / "datasets").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no folder at .*datasets/mvtec.*data_root="):
+        setup(mode="full", dataset="mvtec", data_root=tmp_path / "datasets", verbose=False)
+    with pytest.raises(ValueError, match="dataset='imagenet'"):
+        setup(mode="quick", dataset="imagenet", verbose=False)
+
+
+def test_colab_helpers_refuse_outside_colab_and_use_drive_and_files_inside(monkeypatch, tmp_path):
+    import io
+    import sys
+    import zipfile
+
+    from apt_lab.notebook import DRIVE_MOUNT, mount_drive, upload_files
+
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    with pytest.raises(RuntimeError, match="only in Google Colab"):
+        mount_drive()
+    with pytest.raises(RuntimeError, match="only in Google Colab"):
+        upload_files(tmp_path)
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("my_parts/good/a.png", b"png bytes")
+        z.writestr("my_parts/bad/b.png", b"png bytes")
+    mounted = []
+    drive = types.ModuleType("google.colab.drive")
+    drive.mount = mounted.append
+    files = types.ModuleType("google.colab.files")
+    files.upload = lambda: {"photo.png": b"\x89PNG", "../escape.jpg": b"jpg", "parts.zip": archive.getvalue()}
+    colab = types.ModuleType("google.colab")
+    colab.drive, colab.files = drive, files
+    google = types.ModuleType("google")
+    google.colab = colab
+    for name, module in (("google", google), ("google.colab", colab), ("google.colab.drive", drive),
+                         ("google.colab.files", files)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    assert mount_drive("datasets") == DRIVE_MOUNT / "MyDrive" / "datasets" and mounted == [str(DRIVE_MOUNT)]
+    written = upload_files(tmp_path / "mine")
+    assert sorted(p.name for p in written) == ["bad", "escape.jpg", "good", "photo.png"]  # zip: wrapper dropped
+    assert (tmp_path / "mine" / "photo.png").read_bytes() == b"\x89PNG"
+    assert (tmp_path / "mine" / "bad" / "b.png").is_file() and (tmp_path / "mine" / "good" / "a.png").is_file()
+    assert not (tmp_path / "escape.jpg").exists() and not (tmp_path / "mine" / "parts.zip").exists()

@@ -7,7 +7,7 @@ from apt_lab.blobs import area_bounds, random_blob
 from apt_lab.config import APTConfig, PerturbConfig
 from apt_lab.perturbations import (Perturbation, get_perturbation, list_perturbations, patch_mask, perturb,
                                    perturb_features, register_perturbation, unregister_perturbation)
-from apt_lab.roi import foreground_from_similarity, otsu_threshold, region_of_interest
+from apt_lab.roi import foreground_from_scores, otsu_threshold, region_of_interest
 
 S = 64  # small images keep the pixel-level tests fast; patch 16 → 4x4 grid
 
@@ -181,21 +181,24 @@ def test_roi_object_on_plain_background_vs_texture():
     g = rng(5)
     obj = 0.05 * torch.rand(1, 14, 14, generator=g)
     obj[0, 4:9, 5:10] += 1.0  # a 5x5 object on a flat background
-    roi = foreground_from_similarity(obj, dilation=1, texture_fraction=0.7)
-    assert roi[0, 4:9, 5:10].all() and int(roi.sum()) == 7 * 7  # the object, dilated by one patch
-    noise = torch.rand(1, 14, 14, generator=g)  # no object: Otsu splits the noise, dilation covers everything
-    assert foreground_from_similarity(noise, dilation=1, texture_fraction=0.7).all()
+    roi = foreground_from_scores(obj, 14, texture_fraction=0.7)
+    assert roi[0, 4:9, 5:10].all() and int(roi.sum()) == 5 * 5  # the object, not grown past it
+    assert int(foreground_from_scores(obj, 14, dilation=1).sum()) == 7 * 7  # dilation: pixels, after the decision
+    noise = torch.rand(1, 14, 14, generator=g)  # no object: the foreground is as dense on the border → texture
+    assert foreground_from_scores(noise, 14, texture_fraction=0.7).all()
     tiny = torch.zeros(1, 14, 14)
-    tiny[0, 0, 0] = 1.0  # one patch (<5%): degenerate → whole image
-    assert foreground_from_similarity(tiny, dilation=0).all()
+    tiny[0, 7, 7] = 1.0  # one patch (<5%): degenerate → whole image
+    assert foreground_from_scores(tiny, 14).all()
 
 
 def test_region_of_interest_with_backbone(backbone):
     x = torch.rand(2, 3, 224, 224, generator=rng())
-    roi = region_of_interest(backbone, x, APTConfig())
-    assert roi.shape == (2, 224, 224) and roi.dtype == torch.bool and roi.flatten(1).any(1).all()
-    # constant over each 16x16 patch (nearest up-sampling of the patch grid)
-    assert torch.equal(roi, roi[:, ::16, ::16].repeat_interleave(16, 1).repeat_interleave(16, 2))
+    x[:, :, 64:160, 64:160] = 0.9 + 0.1 * x[:, :, 64:160, 64:160]  # a bright square object on noise
+    for method in ("text", "attention", "pixels"):
+        roi = region_of_interest(backbone, x, APTConfig().replace(perturb__roi_method=method))
+        assert roi.shape == (2, 224, 224) and roi.dtype == torch.bool and roi.flatten(1).any(1).all(), method
+    roi = region_of_interest(backbone, x, APTConfig().replace(perturb__roi_method="pixels"))
+    assert roi[:, 72:152, 72:152].all() and not roi[:, :48].any()  # the object, drawn at pixel resolution
     assert region_of_interest(backbone, x, APTConfig().replace(perturb__region="image")).all()
 
 
@@ -270,3 +273,18 @@ def test_region_of_interest_reuses_given_features_without_a_second_encoder_pass(
     monkeypatch.setattr(backbone, "encode_images", lambda *a, **k: calls.append(1) or original(*a, **k))
     assert torch.equal(region_of_interest(backbone, images, config, features=features), expected)
     assert calls == []
+
+
+def test_salt_pepper_mask_is_the_sprinkled_region_through_perturb(images):
+    # the documented definition: mask = the whole sprinkled region, ≈ strength of its pixels change, none outside
+    for strength in (0.2, 0.6):
+        cfg = cfg_with(generators=("salt_pepper",), strength=(strength, strength), region="image",
+                       min_area=0.1, max_area=0.12)
+        out = perturb(images, cfg, rng(), patch_size=16)
+        changed = (out.images != images).any(1)  # (B, S, S)
+        assert abs(float(changed[out.masks].float().mean()) - strength) < 0.06
+        assert not (changed & ~out.masks).any()
+        # why the region: the specks alone would mark few patches at low strength (patch_threshold 0.25)
+        specks = patch_mask(changed, 16, cfg.patch_threshold)
+        if strength < cfg.patch_threshold:
+            assert int(specks.sum()) < int(out.patch_masks.sum()) // 2

@@ -107,3 +107,36 @@ def test_score_histogram_splits_labels_and_marks_threshold():
     fig = plots.score_histogram_figure(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1]), 0.5)
     assert [t.name for t in fig.data] == ["normal", "anomalous"]
     assert list(fig.data[1].x) == pytest.approx([0.8, 0.9]) and fig.layout.shapes[0].x0 == 0.5
+
+
+def test_a_constant_map_gets_no_colour_bar_spanning_one_to_one_point_000001():
+    """01's region of interest of a texture is all ones: a bar from 1 to 1.000001 pretends there is a range."""
+    images, full = torch.rand(2, 3, 8, 8), torch.ones(2, 8, 8)
+    fig = plots.anomaly_map_grid(images, full, full.bool())
+    heats = [t for t in fig.data if t.type == "heatmap"]
+    assert not any(h.showscale for h in heats) and fig.layout.title.text == "every map is constant: 1"
+    single = plots.anomaly_map_figure(images[0], full[0])
+    assert not single.data[1].showscale
+    varying = plots.anomaly_map_grid(images, torch.rand(2, 8, 8), None)
+    assert sum(bool(t.showscale) for t in varying.data if t.type == "heatmap") == 1
+
+
+def test_perturbation_figure_names_the_yellow_outline_only_when_it_is_drawn():
+    image, mask = torch.full((3, 6, 6), 0.5), torch.zeros(6, 6, dtype=torch.bool)
+    whole = plots.perturbation_figure(image, image, mask, roi=torch.ones(6, 6, dtype=torch.bool))
+    titles = [a.text for a in whole.layout.annotations]
+    assert titles[0] == "normal (region of interest: whole image)" and "region of interest" not in [t.name for t in whole.data]
+    assert plots.perturbation_figure(image, image, mask).layout.annotations[0].text == "normal"
+
+
+def test_metrics_bar_never_averages_across_variants():
+    rows = [{"variant": v, "category": c, "seed": 0, "image_auroc": a}
+            for v, scores in (("human", (0.5, 0.7)), ("APT", (0.9, 0.6))) for c, a in zip(("brick", "grass"), scores)]
+    by_variant = plots.metrics_bar_figure(rows, "image_auroc", x="variant", group="category")
+    assert all("mean" not in list(t.x) for t in by_variant.data)        # no bar "mean of human and APT"
+    assert [t.name for t in by_variant.data] == ["brick", "grass", "mean"]
+    mean = by_variant.data[2]
+    assert list(mean.x) == ["human", "APT"] and list(mean.y) == pytest.approx([0.6, 0.75])  # over categories
+    by_category = plots.metrics_bar_figure(rows, "image_auroc")
+    assert [list(t.x) for t in by_category.data] == [["brick", "grass", "mean"]] * 2
+    assert by_category.data[1].y[2] == pytest.approx(0.75)

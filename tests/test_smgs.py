@@ -6,7 +6,8 @@ import torch
 
 from apt_lab.backbone import ImageFeatures
 from apt_lab.config import SMGSConfig
-from apt_lab.smgs import MetaPrompt, apply_smgs, gradients_conflict, guide_gradient, kl_divergence, meta_loss
+from apt_lab.smgs import (MetaPrompt, anchor_similarity, apply_smgs, cosine_distance, gradients_conflict,
+                          guide_gradient, guide_update, kl_divergence, meta_loss, project_to_cone)
 
 T = torch.tensor
 
@@ -58,7 +59,9 @@ def test_apply_smgs_per_tensor_rule_by_hand():
     assert torch.allclose(a.grad, T([0.5, 0.5]))
     assert torch.allclose(b.grad, T([0., 2.]))
     assert unused.grad is None
-    assert stats == {"conflict_rate": 0.5, "conflicts": 1, "tensors": 2}
+    assert {k: stats[k] for k in ("conflict_rate", "conflicts", "tensors")} == \
+        {"conflict_rate": 0.5, "conflicts": 1, "tensors": 2}
+    assert torch.equal(stats["meta_grads"][0], T([-1., 1.])) and stats["meta_grads"][2] is None
 
 
 def test_apply_smgs_overwrites_grad():
@@ -66,6 +69,55 @@ def test_apply_smgs_overwrites_grad():
     a.grad = T([100., 100.])
     apply_smgs([a], (a * T([1., 0.])).sum(), (a * T([1., 1.])).sum(), lam=1.0)
     assert torch.equal(a.grad, T([1., 0.]))
+
+
+# ------------------------------------------------------------------------------------------ the anchor
+def test_project_to_cone_by_hand():
+    g = T([1., 1., 1.])
+    # one conflict: ProGrad's rule; two: the projection onto both hyperplanes; none: g itself
+    assert torch.allclose(project_to_cone(g, [T([-1., 0., 0.])]), T([0., 1., 1.]))
+    assert torch.allclose(project_to_cone(g, [T([-1., 0., 0.]), T([0., -1., 0.])]), T([0., 0., 1.]))
+    assert torch.equal(project_to_cone(g, [T([1., 0., 0.]), T([0., 0., 0.])]), g)
+    # the nearest point: projecting on the first plane alone already satisfies the second (no second cut)
+    assert torch.allclose(project_to_cone(T([1., 0.]), [T([-1., 1.]), T([0., 1.])]), T([0.5, 0.5]))
+
+
+def test_anchor_joins_the_rule_and_both_guarantees_hold():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        g_task, g_meta, g_anchor = (torch.randn(7, generator=gen) for _ in range(3))
+        g = guide_gradient(g_task, g_meta, 1.0, g_anchor, anchor_weight=1.0)
+        assert float(g @ g_meta) >= -1e-6 and float(g @ g_anchor) >= -1e-6
+        without = guide_gradient(g_task, g_meta, 1.0, g_anchor, anchor_weight=0.0)
+        assert torch.equal(without, guide_gradient(g_task, g_meta, 1.0))  # weight 0: the anchor-free rule
+    # meta agrees, anchor conflicts: only the anchor's component goes
+    assert torch.allclose(guide_gradient(T([1., 1.]), T([1., 0.]), 1.0, T([-1., 0.])), T([0., 1.]))
+    assert torch.allclose(guide_gradient(T([1., 1.]), T([1., 0.]), 1.0, T([-1., 0.]), anchor_weight=0.5),
+                          T([0.5, 1.]))
+
+
+def test_guide_update_removes_what_adam_adds_against_the_meta_gradient():
+    p, before = T([1., 1.]), T([0., 0.])
+    assert guide_update([p], [before], [T([1., 0.])], 1.0) == 1 and torch.allclose(p, T([0., 1.]))
+    q = T([-1., 1.])  # a step down the meta loss: untouched
+    assert guide_update([q], [T([0., 0.])], [T([1., 0.])], 1.0) == 0 and torch.equal(q, T([-1., 1.]))
+    r = T([1., 1.])  # no meta conflict, but up the anchor loss
+    assert guide_update([r], [T([0., 0.])], [T([-1., 0.])], 1.0, [T([0., 1.])]) == 1 and torch.allclose(r, T([1., 0.]))
+
+
+def test_anchor_similarity_and_cosine_distance():
+    learned, anchor = _unit([1., 0.], [0., 1.]), _unit([1., 0.], [1., 1.])
+    assert anchor_similarity(learned, anchor) == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert float(cosine_distance(learned, anchor)) == pytest.approx(1 - (1 + 2 ** -0.5) / 2)
+    assert anchor_similarity(torch.stack([learned, learned]), anchor) == pytest.approx((1 + 2 ** -0.5) / 2)
+
+
+def test_apply_smgs_with_anchor_loss_counts_anchor_conflicts():
+    a = torch.zeros(2, requires_grad=True)  # task (1, 1), meta (1, 0) agrees, anchor (−1, 0) conflicts
+    task, meta, anchor = (a * T([1., 1.])).sum(), (a * T([1., 0.])).sum(), (a * T([-1., 0.])).sum()
+    stats = apply_smgs([a], task, meta, 1.0, anchor_loss=anchor, anchor_weight=1.0)
+    assert torch.allclose(a.grad, T([0., 1.])) and stats["conflicts"] == 1
+    assert torch.equal(stats["anchor_grads"][0], T([-1., 0.]))
 
 
 # ------------------------------------------------------------------------------------------ meta losses

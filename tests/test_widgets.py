@@ -165,7 +165,8 @@ def test_results_explorer_metric_and_axis(backend):
     explorer.controls["metric"].value = "pixel_auroc"
     assert explorer.figure.data[1].y[0] == pytest.approx(0.5)
     explorer.controls["x"].value = "variant"
-    assert [t.name for t in explorer.figure.data] == ["brick", "grass"]
+    assert [t.name for t in explorer.figure.data] == ["brick", "grass", "mean"]  # mean over categories, per variant
+    assert all("mean" not in list(t.x) for t in explorer.figure.data)  # never a mean across variants
     with pytest.raises(ValueError, match="no row holds a metric"):
         widgets.results_explorer([{"variant": "x"}], backend=backend)
 
@@ -185,3 +186,64 @@ def test_output_backend_mimebundle_is_json_and_html_that_loads_plotly_from_the_c
     assert len(sources) == 1 and re.fullmatch(r"https://cdn\.plot\.ly/plotly-[0-9.]+\.min\.js", sources[0]), sources
     assert len(html) < 100_000 and "<html" not in html  # a fragment for a notebook cell, not a page
     assert "Plotly.newPlot(" in html and '"type":"image"' in html.replace(" ", "")  # and draws this figure
+
+
+def test_perturbation_info_says_when_the_region_of_interest_is_off(tiny_backbone, normal_images):
+    explorer = widgets.perturbation_explorer(tiny_backbone, normal_images, APTConfig.preset("quick"),
+                                             backend="output")
+    assert "(mask = region of interest ∩ random blob)" in explorer.info_text
+    explorer.controls["region"].value = False
+    assert "region of interest off" in explorer.info_text and "100%" not in explorer.info_text
+    assert "<b>" not in explorer.info_text and explorer.info_text.startswith("gaussian, strength")
+    assert "(mask = random blob)" in explorer.info_text
+
+
+def test_map_viewer_reports_no_iou_on_a_normal_image(scored_set):
+    images, maps, masks = scored_set
+    viewer = widgets.map_viewer(images, maps, masks, threshold=0.1, backend="output")
+    viewer.controls["image"].value = 2  # normal (empty mask), faint noise partly above 0.1
+    assert "IoU" not in viewer.info_text and "false alarms" in viewer.info_text
+    viewer.controls["threshold"].value = 1.0
+    viewer.controls["image"].value = 0  # all zeros: nothing flagged
+    assert "IoU" not in viewer.info_text and "nothing flagged" in viewer.info_text
+    viewer.controls["image"].value = 1
+    assert "IoU with the ground truth 1.00" in viewer.info_text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_explorer_mean_is_over_categories_on_both_axes(backend):
+    rows = [{"variant": v, "category": c, "seed": 0, "image_auroc": a}
+            for v, scores in (("human", (0.5, 0.7)), ("APT", (0.9, 0.6))) for c, a in zip(("brick", "grass"), scores)]
+    explorer = widgets.results_explorer(rows, backend=backend)
+    explorer.controls["x"].value = "variant"
+    bars = {t.name: list(t.y) for t in explorer.figure.data}
+    assert all(list(t.x) == ["human", "APT"] for t in explorer.figure.data)  # no "mean" variant
+    assert bars["mean"] == pytest.approx([0.6, 0.75]) and "over categories" in explorer.info_text
+
+
+def test_display_bundle_holds_the_live_widget_and_a_static_copy(scored_set, monkeypatch):
+    """Pages without a widget manager (the docs, nbviewer) show text/html: the info line and the current figure."""
+    images, maps, masks = scored_set
+    viewer = widgets.map_viewer(images, maps, masks, backend="output")
+    bundle = viewer._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == viewer.model_id
+    static = bundle["text/html"]
+    assert viewer.info.value in static and "Plotly.newPlot" in static and "<script src=" not in static
+    if ipywidgets.__version__.startswith("7."):  # ipywidgets 7 displays through _ipython_display_
+        shown = []
+        monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
+        viewer._ipython_display_()
+        assert shown and shown[0][1] and set(shown[0][0]) == set(bundle)
+
+
+def test_widgets_run_on_the_ipywidgets_version_under_test():
+    """scripts/check_ipywidgets7.py runs this file again with Colab's ipywidgets 7 and plotly 5 first on the path."""
+    import os
+
+    import plotly
+
+    expected = os.environ.get("APT_LAB_EXPECT_IPYWIDGETS")
+    if expected:
+        assert ipywidgets.__version__.startswith(expected + "."), ipywidgets.__version__
+        assert plotly.__version__.startswith(os.environ["APT_LAB_EXPECT_PLOTLY"] + "."), plotly.__version__
+    assert int(ipywidgets.__version__.split(".")[0]) in (7, 8)

@@ -6,21 +6,24 @@ read when an item or a batch is requested, so loading is fast even for the full 
 from __future__ import annotations
 
 import csv
+import hashlib
 import operator
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..env import env_text
+from ..errors import DatasetCheckError
+from .files import check_inside, check_name
 from .images import (
     IMAGE_EXTENSIONS,
     image_size,
     is_image_file,
     read_image,
     read_mask,
-    resize_images,
     resize_masks,
 )
 
@@ -156,7 +159,7 @@ class Split(Sequence):
         idx = self._indices(indices)
         out = torch.empty(len(idx), 3, size, size)                    # (B, 3, size, size)
         for j, i in enumerate(idx):
-            out[j] = resize_images(read_image(self._records[i].path)[None], size)[0]
+            out[j] = read_image(self._records[i].path, size)           # (3, size, size)
         return out
 
     def masks(self, size: int, indices=None) -> torch.Tensor | None:
@@ -168,6 +171,10 @@ class Split(Sequence):
             `apt_lab.metrics.evaluate`.
         """
         if not self.has_masks:
+            missing = [r.path for r in self._records if r.label == 1 and r.mask_path is None]
+            warnings.warn(f"{self.name}/{self.category}: pixel metrics skipped — {len(missing)} of "
+                          f"{int(self.labels.sum())} anomalous test images have no mask (e.g. {missing[0]}); add "
+                          "masks for all of them to get pixel AUROC, AP, F1-max and AUPRO.", UserWarning, stacklevel=2)
             return None
         import torch
 
@@ -192,6 +199,50 @@ class Dataset:
     category: str
     train: Split
     test: Split
+
+    def check(self, k: int | None = None) -> "Dataset":
+        """Find, before any tuning, what would make the metrics fail or lie: a test set without both normal and
+        anomalous images, a mask whose size differs from its image (headers only; no pixel is decoded), fewer
+        train images than ``k`` shots. Raises DatasetCheckError naming the category and the file.
+
+        Example:
+            >>> load_dataset("demo", category="brick").check(k=4).category
+            'brick'
+        """
+        where = f"{self.name}/{self.category} at {self.root}"
+        labels = [r.label for r in self.test._records]
+        if 0 not in labels or 1 not in labels:
+            kind = "no test images" if not labels else f"only {'anomalous' if 0 not in labels else 'normal'} test images"
+            raise DatasetCheckError(f"{where} has {kind}; image AUROC, AP and F1-max need both normal and anomalous "
+                                    "test images. Add the missing kind (test/good/ and test/<defect>/) or leave this "
+                                    "category out (--categories).")
+        if k is not None and k > len(self.train):
+            raise DatasetCheckError(f"{where}: k={k} shots requested but its train split has {len(self.train)} "
+                                    f"image(s). Use k <= {len(self.train)} or add normal train images.")
+        for rec in self.test._records:
+            if rec.mask_path is not None:
+                mask_wh = image_size(rec.mask_path)
+                try:
+                    _check_mask_size(rec, image_size(rec.path), mask_wh)
+                except ValueError as err:
+                    raise DatasetCheckError(f"{where}: {err}") from None
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 over every file of the category: path relative to the root, size, modification time (whole
+        seconds), label and mask. Two listings with the same fingerprint give the same numbers; a replaced, added
+        or removed file changes it. Only file metadata is read."""
+        digest = hashlib.sha256()
+        for kind, split in (("train", self.train), ("test", self.test)):
+            for rec in split._records:
+                for path in (rec.path, rec.mask_path):
+                    if path is None:
+                        digest.update(b"-\n")
+                        continue
+                    info = os.stat(path)
+                    rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+                    digest.update(f"{kind}|{rel}|{info.st_size}|{int(info.st_mtime)}|{rec.label}\n".encode())
+        return digest.hexdigest()
 
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, category={self.category!r}, root='{self.root}', "
@@ -350,13 +401,14 @@ def _list_visa(root: Path, category: str) -> tuple[list[_Record], list[_Record]]
         if label is None:
             raise ValueError(f"split_csv/1cls.csv line {n}: label {row['label']!r} is not "
                              f"'normal' or 'anomaly'.")
-        image = root / row["image"]
+        image = check_inside(row["image"], root, f"split_csv/1cls.csv line {n}")
         if not image.is_file():
             raise FileNotFoundError(f"split_csv/1cls.csv line {n}: image {image} not found. "
                                     f"Re-download/extract VisA under {root}.")
         mask = None
         if label == 1:
-            mask = root / row["mask"] if row["mask"].strip() else None
+            where = f"split_csv/1cls.csv line {n}"
+            mask = check_inside(row["mask"], root, where) if row["mask"].strip() else None
             if mask is None or not mask.is_file():
                 raise FileNotFoundError(
                     f"Missing ground-truth mask for defective image {image} (split_csv line {n}): "
@@ -394,7 +446,13 @@ def list_categories(name: str, root: str | os.PathLike | None = None) -> list[st
     name = _check_name(name)
     root = _check_root(name, dataset_root(name, root))
     if name == "visa":
-        return sorted({row["object"] for row in _visa_rows(root)})
+        rows = _visa_rows(root)
+        for n, row in enumerate(rows, start=2):
+            try:
+                check_name(row["object"])
+            except ValueError as err:
+                raise type(err)(f"{root / 'split_csv' / '1cls.csv'} line {n}: {err}") from None
+        return sorted({row["object"] for row in rows})
     if name == "folder":
         return [root.name]
     return _mvtec_categories(name, root)
@@ -417,7 +475,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
     name = _check_name(name)
     root = _check_root(name, dataset_root(name, root))
     if name == "folder":
-        category = category or root.name
+        category = check_name(category or root.name)
         train, test = _list_folder(root, category)
         return Dataset(name, root, category, Split(train, name=name, category=category, kind="train"),
                        Split(test, name=name, category=category, kind="test"))
@@ -427,7 +485,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
             raise ValueError(f"{name} at {root} has {len(cats)} categories; pass category= one of: "
                              f"{', '.join(cats)}.")
         category = cats[0]
-    category = str(category)
+    category = check_name(category)
     if category not in cats:
         raise ValueError(f"Unknown category {category!r} for {name} at {root}. Available: "
                          f"{', '.join(cats)}.")

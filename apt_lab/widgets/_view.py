@@ -8,8 +8,10 @@ environment variable ``APT_LAB_WIDGET_BACKEND`` force one.
 """
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import sys
 
 import ipywidgets as widgets
@@ -17,6 +19,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 BACKENDS = ("figurewidget", "output")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # the mimetype frontends with a widget manager render
+IPYWIDGETS_7 = widgets.__version__.startswith("7.")  # Colab still ships ipywidgets 7 (displayed differently)
 
 
 def in_colab() -> bool:
@@ -136,6 +140,34 @@ class PlotWidget(widgets.VBox):
     @property
     def backend(self) -> str:
         return self.view.backend
+
+    @property
+    def info_text(self) -> str:
+        """The info line as plain text, e.g. for ``print`` (``info.value`` is HTML with ``<b>`` tags)."""
+        return html.unescape(re.sub(r"<[^>]+>", "", self.info.value))
+
+    def static_html(self) -> str:
+        """The info line and the current figure as HTML: what pages without a widget manager show (the docs site,
+        nbviewer). The figure needs plotly.js on the page (``window.Plotly``); it is not embedded."""
+        plot = pio.to_html(self.figure, include_plotlyjs=False, full_html=False) if self.figure is not None else ""
+        return f'<div class="apt-lab-static"><p>{self.info.value}</p>{plot}</div>'
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The live widget (frontends with a widget manager show it) and :meth:`static_html` as ``text/html``."""
+        parent = getattr(super(), "_repr_mimebundle_", None)  # ipywidgets 8; 7 builds the same bundle in display
+        bundle = dict(parent(**kwargs)) if parent is not None else {
+            "text/plain": repr(self)[:110], WIDGET_VIEW: {"version_major": 2, "version_minor": 0,
+                                                          "model_id": self._model_id}}
+        if WIDGET_VIEW in bundle:
+            bundle["text/html"] = self.static_html()
+        return bundle
+
+    if IPYWIDGETS_7:  # ipywidgets 7 displays through _ipython_display_, which IPython calls before any repr
+        def _ipython_display_(self, **kwargs):
+            from IPython.display import display
+
+            display(self._repr_mimebundle_(), raw=True)
+            self._handle_displayed(**kwargs)
 
     def _on_change(self, change) -> None:
         self.render()

@@ -62,10 +62,16 @@ class PerturbationExplorer(PlotWidget):
         rng = torch.Generator().manual_seed(int(c["seed"]))
         self.last = out = perturb(image, config, rng, roi=roi, backbone=self.backbone)
         area = float(out.masks[0].float().mean())
-        roi_area = float(roi.float().mean()) if roi is not None else 1.0
         changed = float((out.images[0] - image[0]).abs().amax(0).gt(1e-6).float().mean())
+        if roi is None:
+            region = "region of interest off: the blob may fall anywhere"
+        elif bool(roi.all()):
+            region = "region of interest: the whole image (foreground too large: a texture)"
+        else:
+            region = f"region of interest: {float(roi.float().mean()):.0%} of the image"
+        shape = "region of interest ∩ random blob" if roi is not None else "random blob"
         self.info.value = (f"<b>{c['generator']}</b>, strength {strength:.2f}, seed {c['seed']}: the mask covers "
-                           f"{area:.1%} of the image; region of interest {roi_area:.0%}; pixels changed {changed:.1%}; "
+                           f"{area:.1%} of the image (mask = {shape}); {region}; pixels changed {changed:.1%}; "
                            f"anomalous patches {int(out.patch_masks[0].sum())} of {out.patch_masks[0].numel()}")
         title = f"{c['generator']} · strength {strength:.2f} · seed {c['seed']}"
         return plots.perturbation_figure(image[0], out.images[0], out.masks[0],

@@ -30,7 +30,7 @@ class ResultsExplorer(PlotWidget):
     def build_figure(self) -> go.Figure:
         metric, x = self.controls["metric"].value, self.controls["x"].value
         group = "variant" if x == "category" else "category"
-        self.info.value = f"{len(self.rows)} rows; bars: mean ± std over seeds; 'mean' = macro mean over {x}"
+        self.info.value = f"{len(self.rows)} rows; bars: mean ± std over seeds; 'mean' = macro mean over categories"
         return plots.metrics_bar_figure(self.rows, metric, x=x, group=group)
 
 

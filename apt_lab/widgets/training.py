@@ -1,4 +1,4 @@
-"""``training_dashboard``: losses, gradient conflicts and meta-prompt drift, live while prompts are tuned."""
+"""``training_dashboard``: losses, gradient conflicts, meta-prompt drift and anchor similarity, live while tuning."""
 from __future__ import annotations
 
 import time
@@ -33,7 +33,7 @@ class TrainingDashboard(PlotWidget):
         self.render()
 
     def callback(self, record: dict) -> None:
-        """Append one tuning record (``step``, ``loss``, ``conflict_rate``, ``meta_drift``, ...) and maybe redraw."""
+        """Append one tuning record (``step``, ``loss``, ``conflict_rate``, ``anchor_similarity``, ...); maybe redraw."""
         self.history.append(dict(record))
         last = self.total_steps is not None and record.get("step", -1) >= self.total_steps - 1
         if last or time.monotonic() - self._last_draw >= self.min_interval:
@@ -49,7 +49,8 @@ class TrainingDashboard(PlotWidget):
         history = smooth_history(self.history, window) if window > 1 else self.history
         if self.history:
             last = self.history[-1]
-            parts = [f"{key} {last[key]:.4f}" for key in ("loss", "meta_loss", "conflict_rate", "meta_drift")
+            parts = [f"{key} {last[key]:.4f}" for key in ("loss", "meta_loss", "conflict_rate", "anchor_similarity",
+                                                          "meta_drift")
                      if isinstance(last.get(key), (int, float))]
             self.info.value = f"step {last.get('step', len(self.history) - 1)}: " + ", ".join(parts)
         else:

@@ -14,7 +14,8 @@ class MapViewer(PlotWidget):
     """Controls ``image`` (picker), ``threshold`` (outlines map ≥ threshold), ``colour_range`` ("global": one
     range for the whole set, the honest default; "per image": each map stretched to its own range) and
     ``opacity`` of the map over the image. The info line gives the image score, label, and — with masks — the
-    IoU of the thresholded map with the ground truth.
+    IoU of the thresholded map with the ground truth (on normal images, whose mask is empty, the share of false
+    alarms instead: IoU is undefined there).
     """
 
     def __init__(self, images, anomaly_maps, masks=None, image_scores=None, labels=None, titles=None,
@@ -63,9 +64,13 @@ class MapViewer(PlotWidget):
         mask = self.masks[index] if self.masks is not None else None
         predicted = anomaly_map >= threshold
         info = [f"<b>{self._label(index)}</b>", f"map ≥ threshold on {predicted.mean():.1%} of pixels"]
-        if mask is not None and (mask.any() or predicted.any()):
-            iou = (mask & predicted).sum() / max(1, (mask | predicted).sum())
+        if mask is not None and mask.any():
+            iou = (mask & predicted).sum() / (mask | predicted).sum()
             info.append(f"IoU with the ground truth {iou:.2f}")
+        elif mask is not None:  # IoU is undefined without a true region: every flagged pixel is a false alarm
+            flagged = int(predicted.sum())
+            info.append("no defect in the ground truth: " + (f"the {flagged} flagged pixels are false alarms" if flagged
+                                                             else "nothing flagged, as it should be"))
         info.append(f"colour range [{zmin:.3f}, {zmax:.3f}] ({c['colour_range']})")
         self.info.value = "; ".join(info)
         return plots.anomaly_map_figure(self.images[index], anomaly_map, mask=mask, zmin=zmin, zmax=zmax,
