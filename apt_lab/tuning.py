@@ -217,6 +217,30 @@ class _Data:
         return Examples.cat(parts)
 
 
+def training_data(backbone, shots, config: APTConfig, roi=None, categories: Sequence[str] | None = None,
+                  timings: dict | None = None) -> _Data:
+    """The data :func:`tune_prompts` trains on, built exactly as it builds it (same seed → the same batches).
+
+    The clean shots are encoded, their regions of interest found and the pool of synthetic anomalies perturbed
+    and encoded, all seeded by ``config.train.seed``; ``.batch(step)`` then returns step ``step``'s
+    :class:`Examples` (call it for steps 0, 1, … in order: every call draws from the same generator). This is the
+    hook for taking a training step by hand (notebook 03); arguments as in :func:`tune_prompts`.
+
+    Example (batch 4, half of it anomalies: 2 drawn from the pool, 2 clean shots):
+        >>> import apt_lab
+        >>> b = apt_lab.load_backbone("apt-tiny")
+        >>> cfg = APTConfig.preset("quick", train__batch_size=4, train__pool_size=4)
+        >>> data = training_data(b, torch.rand(2, 3, 224, 224), cfg)
+        >>> len(data.pool), data.batch(0).labels.tolist()
+        (4, [1, 1, 0, 0])
+    """
+    names, groups = _shot_groups(shots, categories)
+    rng = torch.Generator().manual_seed(config.train.seed)  # perturbations and batch order; CPU, device-independent
+    timings = timings if timings is not None else {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0,
+                                                   "pool_builds": 0}
+    return _Data(backbone, [g.to(backbone.device) for g in groups], names, roi, config, rng, timings)
+
+
 # ----------------------------------------------------------------------------------------- the loop
 def _logits(learner: PromptLearner, batch: Examples, temperature: float):
     """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair."""
@@ -330,11 +354,10 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     initial.load_state_dict(learner.state_dict())
     initial.requires_grad_(False).eval()
     meta = MetaPrompt(backbone, config.smgs, categories=named).to(backbone.device)
-    rng = torch.Generator().manual_seed(train.seed)  # perturbations and batch order; CPU, device-independent
     timings = {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0, "pool_builds": 0, "steps_s": 0.0,
                "step_s": 0.0, "total_s": 0.0}
     result = TuneResult(learner, meta, [], timings, False, config, named or None, initial)
-    data = _Data(backbone, [g.to(backbone.device) for g in groups], names, roi, config, rng, timings)
+    data = training_data(backbone, shots, config, roi, categories, timings)  # clean shots + pool, seeded
     held_out = None
     if config.smgs.update == "periodic":  # anomalies never trained on, for the re-anchoring decision
         held_out = Examples.cat([data.build_pool(max(1, config.smgs.heldout_size)), data.clean])

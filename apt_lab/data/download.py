@@ -136,7 +136,8 @@ def download(name: str, root: str | os.PathLike, *, url: str | None = None, sha2
             local path of an archive (tar, tar.gz, tar.xz or zip). Local files are never deleted.
         sha256: expected hex digest; checked when given (or known for the dataset).
         progress: show a tqdm progress bar and short status lines.
-        max_bytes, max_members: extraction limits; None = the module's defaults (see `extract_archive`).
+        max_bytes: limit on the total extracted size; None = the module's default (see `extract_archive`).
+        max_members: limit on the number of archive members; None = the module's default.
 
     Returns:
         ``root`` as a `Path`.
@@ -144,7 +145,10 @@ def download(name: str, root: str | os.PathLike, *, url: str | None = None, sha2
     Raises:
         ManualDownloadRequired: the dataset needs a manual step (the message says which).
         IncompleteDatasetError: the archive (or what ``root`` already holds) is not the whole dataset.
-        CorruptArchiveError, ArchiveLimitError, ValueError (unsafe member, checksum), ConnectionError.
+        CorruptArchiveError: the archive is truncated or damaged (the message names it).
+        ArchiveLimitError: extraction would pass ``max_bytes`` or ``max_members``.
+        ValueError: an unsafe member or a checksum mismatch.
+        ConnectionError: the download failed or was cut short.
     """
     key = str(name).lower()
     if key not in KNOWN_DOWNLOADS:
