@@ -179,30 +179,41 @@ def _claim_folder(folder: Path, identity: dict, overwrite: bool) -> None:
 # ------------------------------------------------------------------------------------------------ running cells
 def run_cells(config: APTConfig, dataset_name: str, root, cells: Sequence[Cell], progress: bool = False,
               backbone=None, plugins: Sequence[str] = (), folder: Path | None = None,
-              threads: int | None = None) -> list[dict]:
+              threads: int | None = None, warm_shots: int | None = None, on_record=None) -> list[dict]:
     """Run ``cells`` (all of one category, or several) in order; each finished record is appended to ``folder``
     at once when a folder is given. Returns the records. What a local sweep and each Ray task call.
 
+    One :class:`~apt_lab.features.FeatureStore` per category: its test images and shots are encoded once for all
+    its cells. ``warm_shots``: encode the category's test images and its ``warm_shots``-shot draw (the sweep's
+    largest; the draws are nested) before the first cell, so every cell reads features encoded in the same
+    batches whichever cell runs first — a resumed or distributed sweep gives the same numbers as one run through.
     ``threads``: torch CPU threads (a Ray task gets the driver's count on a CPU-only cluster: float sums depend
-    on the thread count, so this keeps CPU cells bit-identical to a local run)."""
+    on the thread count, so this keeps CPU cells bit-identical to a local run). ``on_record``: called with each
+    record once it is saved (progress bars)."""
     import torch
 
     from .backbone import load_backbone_from_config
-    from .data import load_dataset
+    from .data import few_shot, load_dataset
+    from .features import FeatureStore
     from .pipeline import run_category
 
     if threads is not None:
         torch.set_num_threads(threads)
     load_plugins(plugins)
     backbone = backbone or load_backbone_from_config(config, fallback_to_random=True)
-    records, datasets = [], {}
+    records, dataset, store = [], None, None
     for cell in cells:
-        if cell.category not in datasets:
-            datasets = {cell.category: load_dataset(dataset_name, root=root, category=cell.category)}
+        if dataset is None or dataset.category != cell.category:
+            dataset = load_dataset(dataset_name, root=root, category=cell.category)
+            store = FeatureStore(backbone, config.score.batch_size)  # this category's features, encoded once
+            radius = config.score.locality_radius
+            if warm_shots:
+                store.features(dataset.train, few_shot(dataset.train, warm_shots), radius)
+            store.features(dataset.test, None, radius)
         kind, cell_config = method_config(cell.method, config)
         start = time.perf_counter()
-        result = run_category(backbone, datasets[cell.category], cell_config, k=cell.shots, seed=cell.seed,
-                              method=kind, progress=progress)
+        result = run_category(backbone, dataset, cell_config, k=cell.shots, seed=cell.seed, method=kind,
+                              progress=progress, store=store)
         if result.tuned is not None and result.tuned.interrupted:
             raise KeyboardInterrupt(f"tuning of {cell.key} was interrupted; the cell is not recorded")
         record = {"key": cell.key, "category": cell.category, "shots": cell.shots, "seed": cell.seed,
@@ -211,6 +222,8 @@ def run_cells(config: APTConfig, dataset_name: str, root, cells: Sequence[Cell],
                   "pretrained": backbone.pretrained_loaded, "seconds": round(time.perf_counter() - start, 3)}
         if folder is not None:
             append_cell(folder, record)
+        if on_record is not None:
+            on_record(record)
         records.append(record)
     return records
 
@@ -249,26 +262,27 @@ def run_sweep(dataset_name: str, config: APTConfig, root=None, categories: Seque
         print(f"sweep {folder}: {len(done)} cells done, {len(todo)} to run ({executor})", flush=True)
         if executor == "local":
             bar = _bar(len(todo), progress)
-            for cell in todo:
-                run_cells(config, dataset_name, root, [cell], folder=folder)
-                bar.update(1)
-            bar.close()
+            try:  # one backbone for the whole sweep; each category's features encoded once (run_cells)
+                run_cells(config, dataset_name, root, todo, folder=folder, warm_shots=max(shots),
+                          on_record=lambda record: bar.update(1))
+            finally:
+                bar.close()
         elif executor == "ray":
-            _run_on_ray(config, dataset_name, root, todo, folder, address, workers, plugins, progress)
+            _run_on_ray(config, dataset_name, root, todo, folder, address, workers, plugins, progress, max(shots))
         else:
             raise ValueError(f"executor={executor!r}: use 'local' or 'ray'")
     return folder
 
 
-def _run_on_ray(config, dataset_name, root, todo: list[Cell], folder: Path, address, workers, plugins, progress):
+def _run_on_ray(config, dataset_name, root, todo: list[Cell], folder: Path, address, workers, plugins, progress,
+                warm_shots: int):
     try:
         import ray
     except ImportError:
         raise ImportError("executor='ray' needs Ray: pip install 'apt-lab[cluster]'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+        _start_ray(ray, address, workers)
     import torch
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -279,7 +293,7 @@ def _run_on_ray(config, dataset_name, root, todo: list[Cell], folder: Path, addr
         by_category.setdefault(cell.category, []).append(cell)
     config_json = config.to_json()
     pending = [task.remote(APTConfig.from_json(config_json), dataset_name, root, cells, False, None, list(plugins),
-                           None, threads) for cells in by_category.values()]
+                           None, threads, warm_shots) for cells in by_category.values()]
     bar = _bar(len(todo), progress)
     try:
         while pending:  # a category's cells land in cells.jsonl as soon as its task returns
@@ -291,6 +305,21 @@ def _run_on_ray(config, dataset_name, root, todo: list[Cell], folder: Path, addr
         bar.close()
         if started_here:
             ray.shutdown()
+
+
+def _start_ray(ray, address, workers) -> None:
+    """``ray.init``; a local instance that times out starting (Ray waits 30 s for its raylet, too little on a
+    busy laptop) is started once more before giving up."""
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if address or attempt == 2 or "timed out during startup" not in str(error):
+                raise
+            ray.shutdown()
+            print("Ray's local instance timed out starting (a busy machine?); trying once more", flush=True)
 
 
 def _bar(total: int, enabled: bool):

@@ -242,9 +242,10 @@ def training_data(backbone, shots, config: APTConfig, roi=None, categories: Sequ
 
 
 # ----------------------------------------------------------------------------------------- the loop
-def _logits(learner: PromptLearner, batch: Examples, temperature: float):
-    """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair."""
-    text = learner.all_text_features()  # (P, 2, D)
+def _logits(learner: PromptLearner, batch: Examples, temperature: float, text: torch.Tensor | None = None):
+    """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair.
+    ``text``: the learner's (P, 2, D) features when already computed (one batched pass for several sets)."""
+    text = learner.all_text_features() if text is None else text  # (P, 2, D)
     if text.shape[0] == 1:
         cls, patches = patch_logits(batch.features, text[0], temperature)  # (B, 2), (L, B, N, 2)
         return cls, patches, text
@@ -260,8 +261,8 @@ def _logits(learner: PromptLearner, batch: Examples, temperature: float):
     return torch.cat(cls)[back], torch.cat(patches, dim=1)[:, back], text
 
 
-def _losses(learner, meta, batch: Examples, config: APTConfig, with_meta: bool):
-    cls, patches, text = _logits(learner, batch, config.score.temperature)
+def _losses(learner, meta, batch: Examples, config: APTConfig, with_meta: bool, text: torch.Tensor | None = None):
+    cls, patches, text = _logits(learner, batch, config.score.temperature, text)
     total, parts = task_loss(cls, patches, batch.labels, batch.targets, config.train, batch.weights)
     m_loss = None
     if with_meta:
@@ -284,34 +285,66 @@ def _step(learner, meta, optimizer, batch: Examples, config: APTConfig, step: in
     optimiser's update (:func:`~apt_lab.smgs.guide_update`: Adam and momentum must not undo the guarantee)."""
     optimizer.zero_grad(set_to_none=True)
     total, parts, m_loss, text = _losses(learner, meta, batch, config, with_meta=True)
+    _check_finite(total, config, step, result)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    # the anchor: 1 − cos to the initial meta-prompt, guarded like the meta loss
+    anchor = cosine_distance(text, meta.initial) if config.smgs.lam > 0 else None
+    conflict_rate = _update(params, optimizer, total, m_loss, anchor, config.smgs)
+    return _record(total, parts, m_loss, conflict_rate, text, meta)
+
+
+def _check_finite(total: torch.Tensor, config: APTConfig, step: int, result: "TuneResult") -> None:
     if not torch.isfinite(total):
         lr = config.train.lr
         raise TrainingDivergedError(
             f"the task loss became {_number(total)} at step {step} (lr={lr:g}); lower config.train.lr (e.g. "
             f"{lr / 10:g}). The prompts from before this step are in error.result.", result)
-    conflict_rate = None  # λ = 0: SMGS off, no meta gradient
-    params = [p for p in learner.parameters() if p.requires_grad]
-    if config.smgs.lam > 0:  # the anchor: 1 − cos to the initial meta-prompt, guarded like the meta loss
-        smgs = config.smgs
-        on_update = smgs.apply_to in ("update", "both")
-        guided = apply_smgs(params, total, m_loss, smgs.lam, cosine_distance(text, meta.initial), smgs.anchor_weight,
-                            guide=smgs.apply_to in ("gradient", "both"))
-        conflict_rate = guided["conflict_rate"]
-        if on_update:  # the rule on the step the optimiser takes: its guarantee then holds for Adam too
-            before = [p.detach().clone() for p in params]
-            optimizer.step()
-            projected = guide_update(params, before, guided["meta_grads"], smgs.lam, guided["anchor_grads"],
-                                     smgs.anchor_weight)
-            if smgs.apply_to == "update":  # where the rule acted: on the update
-                conflict_rate = projected / guided["tensors"] if guided["tensors"] else 0.0
-        else:
-            optimizer.step()
-    else:
+
+
+def _update(params: list, optimizer, total: torch.Tensor, m_loss: torch.Tensor, anchor: torch.Tensor | None,
+            smgs) -> float | None:
+    """SMGS's rule (λ > 0) on the gradient and/or the optimiser's update, and the optimiser step; returns the
+    conflict rate (None when λ = 0: SMGS off, no meta gradient). The losses need only have the right gradients
+    w.r.t. ``params`` (:mod:`apt_lab.batched` passes linear stand-ins)."""
+    if not smgs.lam > 0:
         total.backward()
         optimizer.step()
+        return None
+    on_update = smgs.apply_to in ("update", "both")
+    guided = apply_smgs(params, total, m_loss, smgs.lam, anchor, smgs.anchor_weight,
+                        guide=smgs.apply_to in ("gradient", "both"))
+    conflict_rate = guided["conflict_rate"]
+    if on_update:  # the rule on the step the optimiser takes: its guarantee then holds for Adam too
+        before = [p.detach().clone() for p in params]
+        optimizer.step()
+        projected = guide_update(params, before, guided["meta_grads"], smgs.lam, guided["anchor_grads"],
+                                 smgs.anchor_weight)
+        if smgs.apply_to == "update":  # where the rule acted: on the update
+            conflict_rate = projected / guided["tensors"] if guided["tensors"] else 0.0
+    else:
+        optimizer.step()
+    return conflict_rate
+
+
+def _record(total, parts: dict, m_loss, conflict_rate, text: torch.Tensor, meta: MetaPrompt) -> dict:
+    """A step's history entries (and the detached text features, popped by the loop)."""
     return {"loss": _number(total), "image_loss": _number(parts["image_loss"]), "focal": _number(parts["focal"]),
             "dice": _number(parts["dice"]), "meta_loss": _number(m_loss), "conflict_rate": conflict_rate,
             "anchor_similarity": anchor_similarity(text, meta.initial), "text": text.detach()}
+
+
+def _new_result(backbone, shots, config: APTConfig, categories) -> TuneResult:
+    """A result before the first step: prompts seeded by ``config.train.seed``, their frozen copy, the meta-prompt."""
+    names, _ = _shot_groups(shots, categories)
+    named = [n for n in names if n is not None]
+    learner = PromptLearner(backbone, config.prompts, categories=named or None, seed=config.train.seed)
+    initial = PromptLearner(backbone, config.prompts, categories=named or None, seed=config.train.seed)
+    initial.load_state_dict(learner.state_dict())
+    initial.requires_grad_(False).eval()
+    meta = MetaPrompt(backbone, config.smgs, categories=named).to(backbone.device)
+    timings = {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0, "pool_builds": 0, "steps_s": 0.0,
+               "step_s": 0.0, "total_s": 0.0}
+    return TuneResult(learner, meta, [], timings, False, config, named or None, initial)
 
 
 def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callable[[dict], None]] = (),
@@ -347,16 +380,8 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     the pool (all shot groups), the rest clean shots; pool_size perturbed images *per shot group*.
     """
     train, start_all = config.train, time.perf_counter()
-    names, groups = _shot_groups(shots, categories)
-    named = [n for n in names if n is not None]
-    learner = PromptLearner(backbone, config.prompts, categories=named or None, seed=train.seed)
-    initial = PromptLearner(backbone, config.prompts, categories=named or None, seed=train.seed)
-    initial.load_state_dict(learner.state_dict())
-    initial.requires_grad_(False).eval()
-    meta = MetaPrompt(backbone, config.smgs, categories=named).to(backbone.device)
-    timings = {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0, "pool_builds": 0, "steps_s": 0.0,
-               "step_s": 0.0, "total_s": 0.0}
-    result = TuneResult(learner, meta, [], timings, False, config, named or None, initial)
+    result = _new_result(backbone, shots, config, categories)  # seeded prompts, their frozen copy, meta-prompt
+    learner, meta, timings = result.prompts, result.meta, result.timings
     data = training_data(backbone, shots, config, roi, categories, timings)  # clean shots + pool, seeded
     held_out = None
     if config.smgs.update == "periodic":  # anomalies never trained on, for the re-anchoring decision

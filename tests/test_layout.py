@@ -20,7 +20,7 @@ LAYERS = {
     "faces": {"cli", "report", "plots", "widgets", "notebook"},
     "pipeline": {"pipeline", "checkpoint", "sweep", "features"},
     "method": {"perturbations", "blobs", "roi", "prompts", "smgs", "losses", "tuning", "scoring", "baselines",
-               "thresholds"},
+               "thresholds", "batched"},
     "backbone": {"backbone", "weights"},
     "ground": {"config", "data", "metrics", "errors", "env", "_version"},
 }
