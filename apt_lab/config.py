@@ -72,7 +72,7 @@ class SMGSConfig:
     period: int = 50  # periodic: steps between re-anchoring attempts on a held-out synthetic loss
     heldout_size: int = 16  # periodic: perturbed images per shot group kept out of training for that held-out loss
     anchor_weight: float = 0.0  # the rule also guards 1 − cos to the *initial* meta-prompt (a fixed anchor); 0 = off;
-    #   1 with apply_to="both" holds it (it costs the synthetic-noise fit on random weights: docs/method.md)
+    #   1 with apply_to="both" holds it; off until measured on real defects (docs/method.md, "An anchor that holds")
     apply_to: str = "update"  # where the rule acts: "update" (the optimiser's step: exact for Adam and momentum too),
     #   "gradient" (ProGrad: the gradient before the optimiser; exact for plain SGD only), or "both"
 
