@@ -331,18 +331,23 @@ def run_identity(results: dict) -> dict:
     return identity
 
 
-def _differences(old, new, path: str = "") -> list[str]:
-    """Human-readable leaf differences between two JSON values, e.g. ``config.train.steps: 10 → 20``."""
+def differences(old, new, path: str = "") -> list[str]:
+    """Human-readable leaf differences between two JSON values (run and sweep identities).
+
+    Example:
+        >>> differences({"k": 1, "config": {"train": {"steps": 10}}}, {"k": 1, "config": {"train": {"steps": 20}}})
+        ['config.train.steps: 10 → 20']
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for key in dict.fromkeys([*old, *new])
-                for d in _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))]
+                for d in differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))]
     return [] if old == new else [f"{path}: {old!r} → {new!r}"]
 
 
 def _check_same_run(folder: Path, previous: dict, current: dict, datasets: dict[str, Dataset]) -> None:
     how = ("Run the same command as before to resume it, pass --overwrite (overwrite=True) to replace it, or choose "
            "another --name for a new run folder.")
-    differ = _differences(run_identity(previous), run_identity(current))
+    differ = differences(run_identity(previous), run_identity(current))
     if differ:
         more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
         raise RunMismatchError(f"{folder} holds a run with other settings ({'; '.join(differ[:6])}{more}); resuming "

@@ -162,12 +162,14 @@ def _claim_folder(folder: Path, identity: dict, overwrite: bool) -> None:
         for name in (SWEEP_FILE, CELLS_FILE):
             (folder / name).unlink(missing_ok=True)
     if path.is_file():
-        previous = json.loads(path.read_text())
-        differ = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        from .pipeline import differences
+
+        differ = differences(json.loads(path.read_text()), identity)  # e.g. "config.train.steps: 3 → 4"
         if differ:
+            more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
             raise RunMismatchError(
-                f"{folder} holds a different sweep (differs in: {', '.join(differ)}); its cells cannot be mixed "
-                "with this one. Resume it with the same arguments, start afresh with --overwrite (deletes its "
+                f"{folder} holds a different sweep (differs in: {'; '.join(differ[:6])}{more}); its cells cannot be "
+                "mixed with this one. Resume it with the same arguments, start afresh with --overwrite (deletes its "
                 "cells), or choose another --out/--name.")
         return
     from .checkpoint import atomic_write
