@@ -135,7 +135,6 @@ class Backbone:
         self.dtype = model.visual.conv1.weight.dtype  # the image tower's; open_clip keeps some parameters fp32
         self.precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
         self.images_encoded = 0  # images through the image tower so far (encoder passes; benchmarks count them)
-        self._known: list[tuple] = []  # (images, version, locality radius, features) from reuse_features
         visual = model.visual
         depth = len(visual.transformer.resblocks)
         self.layers = tuple(layers) if layers is not None else default_layers(depth)
@@ -185,31 +184,6 @@ class Backbone:
             yield
         finally:
             torch.set_float32_matmul_precision(previous)
-
-    @contextlib.contextmanager
-    def reuse_features(self, images: torch.Tensor, features: "ImageFeatures", locality_radius: int = 0):
-        """Inside the block, encoding this very tensor (same object, unmodified) returns ``features`` — no pass.
-
-        How the pipeline hands features it already holds (the clean shots) to code that encodes its inputs itself,
-        such as ``tune_prompts``. Any other tensor, or this one after an in-place change, is encoded as usual.
-
-        Example:
-            >>> b = load_backbone("apt-tiny")
-            >>> x = torch.rand(2, 3, 224, 224)
-            >>> f = b.encode_batched(x)
-            >>> with b.reuse_features(x, f):
-            ...     same = b.encode_batched(x)
-            >>> same is f, b.images_encoded
-            (True, 2)
-        """
-        if features.cls.shape[0] != images.shape[0]:
-            raise ValueError(f"reuse_features: {features.cls.shape[0]} features for {images.shape[0]} images")
-        entry = (images, images._version, int(locality_radius), features)
-        self._known.append(entry)
-        try:
-            yield
-        finally:
-            self._known.remove(entry)
 
     # ----------------------------------------------------------------------------------------- images
     def preprocess(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:
@@ -276,12 +250,8 @@ class Backbone:
         """The one chunked encoder: (B, 3, H, W) pixels → features, ``batch_size`` images per pass.
 
         Images of another size are resized first (bicubic); each chunk moves to the device just before its pass,
-        so a large CPU tensor of pixels never lands on the GPU at once. Inside :meth:`reuse_features` for this
-        tensor, its features come back without a pass.
+        so a large CPU tensor of pixels never lands on the GPU at once.
         """
-        for known, version, radius, features in self._known:
-            if images is known and images._version == version and radius == locality_radius:
-                return features
         size = max(1, int(batch_size))
         chunks = [self.encode_images(self.resize(images[i:i + size]).to(self.device), locality_radius=locality_radius)
                   for i in range(0, images.shape[0], size)]

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .config import APTConfig, PromptConfig, SMGSConfig, section_from_dict
+from .data.files import atomic_write
 from .errors import CorruptFileError
 from .prompts import PromptLearner
 from .smgs import MetaPrompt
@@ -194,55 +195,3 @@ def _check_backbone(saved: dict, current: dict, where: Path) -> None:
                       f"{saved.get('layers')}; this backbone runs image_size={current.get('image_size')}, layers="
                       f"{current.get('layers')}. The prompts load, but scores may differ from the tuned setting.",
                       UserWarning, stacklevel=3)
-
-
-def atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, flushed to disk, then rename: a reader (or a process killed
-    at any moment, even by SIGKILL or a power cut) sees the old file or the new one, never a half-written one.
-
-    ``write(tmp)`` writes the temporary path ``<target>.tmp``.
-    """
-    target = Path(target)
-    tmp = target.parent / (target.name + ".tmp")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
-        _fsync(target.parent, directory=True)  # the rename itself survives a crash
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_if_changed(target: Path, data: str | bytes) -> bool:
-    """``data`` into ``target`` through :func:`atomic_write`, unless the file already holds exactly these bytes
-    (then nothing is touched, not even its modification time). Returns whether it wrote.
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "a.csv"
-        >>> write_if_changed(path, "x,y\\n"), write_if_changed(path, "x,y\\n"), write_if_changed(path, "x,z\\n")
-        (True, False, True)
-    """
-    target = Path(target)
-    data = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        if target.read_bytes() == data:
-            return False
-    except FileNotFoundError:
-        pass
-    atomic_write(target, lambda tmp: tmp.write_bytes(data))
-    return True
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:  # e.g. directories cannot be opened on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

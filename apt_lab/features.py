@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from .backbone import Backbone, ImageFeatures
-from .checkpoint import atomic_write
+from .data.files import atomic_write
 
 FORMAT = "apt_lab.features/1"
 
@@ -91,9 +91,10 @@ class FeatureStore:
         return ImageFeatures.cat([batch[row:row + 1] for batch, row in entries])
 
     def _load_or_encode(self, split, indices: list[int], paths: list[str], radius: int) -> ImageFeatures:
-        file = self._cache_file(paths, radius) if self.cache_dir is not None else None
+        key = self._cache_key(paths, radius) if self.cache_dir is not None else None
+        file = self.cache_dir / f"{key[:32]}.safetensors" if key is not None else None
         if file is not None and file.is_file():
-            features = self._read(file, len(paths), radius)
+            features = self._read(file, key, len(paths), radius)
             if features is not None:
                 self.loaded += len(paths)
                 return features
@@ -101,7 +102,7 @@ class FeatureStore:
         features = self.backbone.encode_batched(pixels, self.batch_size, locality_radius=radius)
         self.encoded += len(paths)
         if file is not None:
-            self._write(file, features, paths)
+            self._write(file, key, features, paths)
         return features
 
     # ----------------------------------------------------------------------------------------------- on disk
@@ -110,24 +111,26 @@ class FeatureStore:
             self._signature = self.backbone.signature()
         return self._signature
 
-    def _cache_file(self, paths: list[str], radius: int) -> Path:
+    def _cache_key(self, paths: list[str], radius: int) -> str:
+        """What the features depend on, hashed: backbone signature, radius, every image's bytes (in order). The
+        file is named by it and carries it inside, so a file copied or renamed over another is caught on load."""
         digest = hashlib.sha256(json.dumps({"format": FORMAT, "backbone": self.signature(), "radius": radius},
                                            sort_keys=True).encode())
         for path in paths:
             digest.update(hashlib.sha256(Path(path).read_bytes()).digest())  # the image's content, not its name
-        return self.cache_dir / f"{digest.hexdigest()[:32]}.safetensors"
+        return digest.hexdigest()
 
-    def _write(self, file: Path, features: ImageFeatures, paths: list[str]) -> None:
+    def _write(self, file: Path, key: str, features: ImageFeatures, paths: list[str]) -> None:
         from safetensors.torch import save_file
 
         tensors = {"cls": features.cls.detach().cpu().contiguous(),
                    "patches": features.patches.detach().cpu().contiguous()}
-        metadata = {"format": FORMAT, "grid": json.dumps(list(features.grid)), "count": str(len(paths)),
+        metadata = {"format": FORMAT, "key": key, "grid": json.dumps(list(features.grid)), "count": str(len(paths)),
                     "checksum": str(_checksum(tensors)), "backbone": json.dumps(self.signature())}
         file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata))
 
-    def _read(self, file: Path, count: int, radius: int) -> ImageFeatures | None:
+    def _read(self, file: Path, key: str, count: int, radius: int) -> ImageFeatures | None:
         """The cached features, or None (with a warning) when the file is damaged or does not fit."""
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
@@ -136,6 +139,9 @@ class FeatureStore:
             with safe_open(str(file), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in ("cls", "patches")}
+            if meta.get("key") != key:
+                raise ValueError("its key is not this request's (a file of other images, weights or settings was "
+                                 "copied or renamed over it)")
             grid = tuple(json.loads(meta["grid"]))
             fits = (meta.get("format") == FORMAT and int(meta["count"]) == count == tensors["cls"].shape[0]
                     and tensors["patches"].shape[1] == count and grid == tuple(self.backbone.grid))

@@ -1,18 +1,25 @@
-"""A self-contained HTML report of a run: the metrics table and anomaly-map heatmaps per category.
+"""A self-contained HTML report of any run folder (a run or a sweep): what ran, the paper table, a chart, and the
+anomaly maps each cell kept — all read from the folder (:mod:`apt_lab.store`), never from a live process. plotly.js
+is written once beside the page (``plotly.min.js``), so the page opens offline and stays small.
 
-Maps of one category share one colour range (the minimum and maximum over its whole test set), so a
-normal image's faint response is not stretched into a red blob. plotly.js is embedded once, so the file
-opens offline.
+Maps of one cell share one colour range (the minimum and maximum over its whole test set), so a normal image's
+faint response is not stretched into a red blob. Nothing here loads torch.
 """
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
-from .checkpoint import write_if_changed
-from .metrics import METRIC_KEYS, format_metric, metric_rows
-from .pipeline import load_examples, read_results
-from .plots import anomaly_map_grid
+from .data.files import inside, write_if_changed
+from .metrics import format_metric
+from .store import PLOTLY_JS, TABLE_METRICS, RunStore, caption, format_cell, table_rows
+
+STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+         "margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+         "th:nth-child(-n+3),td:nth-child(-n+3){text-align:left}tr.mean td{font-weight:bold;border-top:2px solid #555;"
+         "background:#f4f4f4}.warn{background:#fee;border:2px solid #c00;padding:1em;font-weight:bold}"
+         ".legend{color:#444;font-size:90%}")
 
 
 def random_weights_banner(backbone) -> str | None:
@@ -22,94 +29,132 @@ def random_weights_banner(backbone) -> str | None:
         return None
     line = "!" * 100
     return (f"\n{line}\n!! PRETRAINED WEIGHTS UNAVAILABLE — running {backbone.name} with RANDOM WEIGHTS.\n!! {reason}\n"
-            "!! Scores below measure the pipeline, not APT's accuracy; results record \"pretrained\": false.\n"
+            "!! Scores below measure the pipeline, not APT's accuracy; every cell records \"pretrained\": false.\n"
             f"{line}\n")
 
 
-def write_report(folder: str | Path, path: str | Path | None = None) -> Path:
-    """Write ``<folder>/report.html`` for a run folder, entirely from what the run left on disk.
+def write_report(folder: str | Path, repair: bool = False) -> Path:
+    """Write ``<folder>/report.html`` for any run folder, entirely from what the run left on disk.
 
-    Reads ``results.json`` and the example maps each category saved under ``examples/`` (see
-    :func:`apt_lab.pipeline.save_examples`), so a finished run can be redrawn at any time and a rerun draws
-    exactly the same page (same bytes: figures get fixed ids, and an unchanged page is not rewritten). The page goes
-    through a temporary file and an atomic rename: an interrupted write (even SIGKILL) leaves the previous report
-    intact.
+    A rerun draws exactly the same page (figures get fixed ids; an unchanged page is not rewritten), and the page
+    goes through a temporary file and an atomic rename: an interrupted write leaves the previous report intact.
     """
-    folder = Path(folder)
-    results = read_results(folder)
-    if results is None:
-        raise FileNotFoundError(f"{folder / 'results.json'} not found: {folder} is not a run folder (or no category "
-                                "has finished yet). Run apt-lab demo/run first.")
-    parts = [_header(results), _metrics_table(results)]
-    first_figure = True
-    for number, category in enumerate(results["categories"]):
-        parts.append(f"<h2>{html.escape(category)}</h2>")
-        examples = load_examples(folder / "examples" / category)
-        if examples is None:
-            parts.append(f"<p>Maps not shown: {html.escape(str(folder / 'examples' / category))}.safetensors is "
-                         "missing or unreadable (rerun the category with --overwrite to regenerate it).</p>")
-            continue
-        zmin, zmax = (float(v) for v in examples["colour_range"])  # the whole test set's range
-        titles = [f"{defect} · score {float(value):.3f}"
-                  for defect, value in zip(examples["defects"], examples["image_scores"])]
-        masks = examples.get("masks")
-        figure = anomaly_map_grid(examples["images"], examples["anomaly_maps"], None if masks is None else masks.bool(),
-                                  zmin=zmin, zmax=zmax, titles=titles, cols=4)
-        parts.append(f"<p>Colour range for the whole test set: [{zmin:.3f}, {zmax:.3f}]. White outline: ground "
-                     "truth.</p>")
-        parts.append(figure.to_html(full_html=False, include_plotlyjs=first_figure, div_id=f"maps-{number}"))
-        first_figure = False
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>apt_lab report</title><style>"
-            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
-            ".warn{background:#fee;border:2px solid #c00;padding:1em;font-weight:bold}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
-    target = Path(path) if path is not None else folder / "report.html"
-    write_if_changed(target, page)
-    return target
+    from .plots import metric_legend
+
+    store = RunStore(folder)
+    identity = store.identity()
+    if identity is None:
+        raise FileNotFoundError(f"{folder} holds no apt_lab run (run.json is missing); pass a folder written by "
+                                "`apt-lab run`, `apt-lab demo` or `apt-lab sweep`.")
+    cells = store.cells(identity, repair=repair)
+    rows = table_rows(identity, cells.values())
+    parts = [_header(store.folder, identity, cells), f"<p>{html.escape(caption(identity, cells))}</p>",
+             _table(rows), f"<p class='legend'>{html.escape(metric_legend())}</p>"]
+    figures = [_bars(rows)] if len(rows) > 1 else []
+    figures += _maps(store.folder, identity, cells)
+    for number, (title, note, figure) in enumerate(figures):
+        parts.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else ""))
+        parts.append(figure.to_html(full_html=False, include_plotlyjs="directory" if number == 0 else False,
+                                    div_id=f"figure-{number}"))
+    if figures:  # plotly.js once beside the page (opens offline; the page itself stays small)
+        from plotly.offline import get_plotlyjs
+
+        write_if_changed(PLOTLY_JS, get_plotlyjs(), store.folder)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>apt_lab: {html.escape(store.folder.name)}"
+            f"</title><style>{STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    write_if_changed("report.html", page, store.folder)
+    return store.folder / "report.html"
 
 
-def _header(results: dict) -> str:
-    b = results["backbone"]
-    lines = [f"<h1>apt_lab run: {html.escape(results['name'])}</h1>",
-             f"<p>Dataset <b>{html.escape(results['dataset'])}</b>, method <b>{results['method']}</b>, "
-             f"backbone <b>{html.escape(b['name'])}</b> ({html.escape(str(b['tag'] or 'no pretrained tag'))}), k = {results['k']} shots, "
-             f"seed {results['seed']}, evaluated at {results['eval_resolution']}×{results['eval_resolution']} px.</p>"]
-    if not results["pretrained"]:
-        lines.append("<p class='warn'>Pretrained weights were unavailable: this run used RANDOM weights. The numbers "
-                     "measure the pipeline, not APT's accuracy.</p>")
+def _header(folder: Path, identity: dict, cells: dict) -> str:
+    backbone = identity["config"]["backbone"]
+    random = not cells or not all(c["pretrained"] for c in cells.values())
+    weights = "RANDOM weights" if random else f"pretrained weights ({backbone['pretrained']})"
+    methods = ", ".join(identity["variants"])
+    lines = [f"<h1>apt_lab: {html.escape(folder.name)}</h1>"]
+    if random:
+        lines.append("<p class='warn'>RANDOM weights: pretrained weights were unavailable (or not asked for), so "
+                     "these numbers measure the pipeline, not APT's accuracy.</p>")
+    lines.append(f"<p>Dataset <b>{html.escape(identity['dataset'])}</b> · methods <b>{html.escape(methods)}</b> · "
+                 f"backbone <b>{html.escape(backbone['name'])}</b> with <b>{weights}</b> · shots "
+                 f"{identity['shots']} · seeds {identity['seeds']}.</p>")
     return "\n".join(lines)
 
 
-def _metrics_table(results: dict) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ("category", *METRIC_KEYS))
+def _table(rows: list[dict]) -> str:
+    from .plots import METRIC_NAMES
+
+    head = "".join(f"<th>{html.escape(METRIC_NAMES.get(c, c))}</th>"
+                   for c in ("method", "shots", "category", "n", *TABLE_METRICS))
     body = []
-    for category, metrics in metric_rows(results):
-        cells = "".join(f"<td>{format_metric(metrics.get(c))}</td>" for c in METRIC_KEYS)
-        body.append(f"<tr><td>{html.escape(category)}</td>{cells}</tr>")
-    return f"<h2>Metrics</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+    for row in rows:
+        cells = [html.escape(row["method"]), str(row["shots"]), html.escape(row["category"]), str(row["n"]),
+                 *[format_cell(row.get(m)) for m in TABLE_METRICS]]
+        kind = " class='mean'" if row["category"] == "mean" else ""
+        body.append(f"<tr{kind}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_sweep_report(folder: str | Path) -> Path:
-    """``<folder>/report.html`` of a sweep: its caption, the paper table (mean ± std over seeds) and the image
-    AUROC of every method and shot count per category as bars, all read from the sweep folder."""
-    from .plots import metrics_bar_figure, metrics_table_figure
-    from .sweep import TABLE_METRICS, format_cell, read_cells, sweep_table, table_caption
+def _bars(rows: list[dict], metric: str = "image_auroc"):
+    """Bars of one metric per category (and the mean), one colour per (method, shots), ± std where n ≥ 2; in
+    percent like the table."""
+    import plotly.graph_objects as go
 
-    folder = Path(folder)
-    cells = list(read_cells(folder).values())
-    if not cells:
-        raise FileNotFoundError(f"{folder} holds no finished sweep cells (cells.jsonl); run apt-lab sweep first.")
-    rows = [{"method": r["method"], "shots": r["shots"], "category": r["category"],
-             **{m: format_cell(r.get(m)) for m in TABLE_METRICS}} for r in sweep_table(cells)]
-    table = metrics_table_figure(rows, columns=["method", "shots", "category", *TABLE_METRICS])
-    bars = metrics_bar_figure([{"variant": f"{c['method']} k={c['shots']}", "category": c["category"],
-                                "seed": c["seed"], **c["metrics"]} for c in cells], metric="image_auroc")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>apt_lab sweep</title></head>"
-            "<body style='font-family:system-ui,sans-serif;margin:2em'>"
-            f"<h1>apt_lab sweep: {html.escape(folder.name)}</h1><p>{html.escape(table_caption(folder))}</p>"
-            + table.to_html(full_html=False, include_plotlyjs=True, div_id="sweep-table")
-            + bars.to_html(full_html=False, include_plotlyjs=False, div_id="sweep-bars") + "</body></html>")
-    target = folder / "report.html"
-    write_if_changed(target, page)
-    return target
+    from .plots import METRIC_NAMES
+
+    figure = go.Figure()
+    for method, shots in dict.fromkeys((r["method"], r["shots"]) for r in rows):
+        chosen = [r for r in rows if (r["method"], r["shots"]) == (method, shots) and metric in r]
+        figure.add_trace(go.Bar(
+            x=[r["category"] for r in chosen], y=[r[metric][0] * 100 for r in chosen],
+            error_y=dict(type="data", array=[(r[metric][1] or 0) * 100 for r in chosen], visible=True),
+            name=f"{method}, {shots} shots" if shots else f"{method}, zero-shot"))
+    label = f"{METRIC_NAMES.get(metric, metric)} (%)"
+    figure.update_layout(barmode="group", yaxis=dict(title=label, range=[0, 102]), height=360,
+                         margin=dict(l=50, r=10, t=10, b=40), legend=dict(orientation="h", y=-0.15))
+    return f"{METRIC_NAMES.get(metric, metric)} per category", None, figure
+
+
+def _maps(folder: Path, identity: dict, cells: dict) -> list[tuple]:
+    """One map grid per category: the first cell (plan order) that kept example maps."""
+    from .plots import anomaly_map_grid
+
+    figures, shown = [], set()
+    for record in cells.values():
+        if record["category"] in shown:
+            continue
+        examples = _load_examples(folder, record["artefacts"])
+        if examples is None:
+            continue
+        shown.add(record["category"])
+        zmin, zmax = (float(v) for v in examples["colour_range"])  # the whole test set's range
+        titles = [f"{defect} · {float(value):.3f}" for defect, value in zip(examples["defects"],
+                                                                           examples["image_scores"])]
+        masks = examples.get("masks")
+        figure = anomaly_map_grid(examples["images"], examples["anomaly_maps"], None if masks is None else masks > 0,
+                                  zmin=zmin, zmax=zmax, titles=titles, cols=4, max_side=56)
+        figure.update_layout(title=None)
+        note = (f"{record['key']}: the highest-scoring anomalous and normal test images (title: defect · image "
+                f"score). One colour range for the whole test set: [{format_metric(zmin, 3)}, "
+                f"{format_metric(zmax, 3)}]. White outline: ground truth.")
+        figures.append((record["category"], note, figure))
+    return figures
+
+
+def _load_examples(folder: Path, artefacts: list[str]) -> dict | None:
+    """A cell's example maps (numpy arrays + ``defects``), or None when it kept none or the file is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    names = [p for p in artefacts if p.endswith("examples.safetensors")]
+    if not names:
+        return None
+    try:
+        path = inside(folder, names[0])
+        with safe_open(str(path), framework="numpy") as handle:
+            out = {key: handle.get_tensor(key) for key in handle.keys()}
+            out["defects"] = json.loads(handle.metadata()["defects"])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
+    out["images"] = out["images"].astype("float32") / 255
+    out["anomaly_maps"] = out["anomaly_maps"].astype("float32")
+    return out

@@ -44,7 +44,6 @@ from .smgs import MetaPrompt, anchor_similarity, apply_smgs, cosine_distance, gu
 
 HISTORY_KEYS = ("step", "loss", "image_loss", "focal", "dice", "meta_loss", "conflict_rate", "anchor_similarity",
                 "meta_drift", "held_out_loss", "seconds")
-OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -169,11 +168,11 @@ class _Data:
     """
 
     def __init__(self, backbone, groups: list[torch.Tensor], names: list, roi, config: APTConfig,
-                 rng: torch.Generator, timings: dict):
+                 rng: torch.Generator, timings: dict, shot_features: list | None = None):
         self.backbone, self.groups, self.config, self.rng, self.timings = backbone, groups, config, rng, timings
         train = config.train
         t0 = time.perf_counter()
-        self.clean_features = [_encode(backbone, g, config) for g in groups]
+        self.clean_features = shot_features or [_encode(backbone, g, config) for g in groups]
         self.clean = Examples.cat([_clean_examples(f, i) for i, f in enumerate(self.clean_features)])
         timings["encode_shots_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -218,7 +217,7 @@ class _Data:
 
 
 def training_data(backbone, shots, config: APTConfig, roi=None, categories: Sequence[str] | None = None,
-                  timings: dict | None = None) -> _Data:
+                  timings: dict | None = None, shot_features=None) -> _Data:
     """The data :func:`tune_prompts` trains on, built exactly as it builds it (same seed → the same batches).
 
     The clean shots are encoded, their regions of interest found and the pool of synthetic anomalies perturbed
@@ -238,14 +237,28 @@ def training_data(backbone, shots, config: APTConfig, roi=None, categories: Sequ
     rng = torch.Generator().manual_seed(config.train.seed)  # perturbations and batch order; CPU, device-independent
     timings = timings if timings is not None else {"encode_shots_s": 0.0, "roi_s": 0.0, "pool_s": 0.0,
                                                    "pool_builds": 0}
-    return _Data(backbone, [g.to(backbone.device) for g in groups], names, roi, config, rng, timings)
+    features = _shot_features(shot_features, names, groups, config)
+    return _Data(backbone, [g.to(backbone.device) for g in groups], names, roi, config, rng, timings, features)
+
+
+def _shot_features(shot_features, names: list, groups: list[torch.Tensor], config: APTConfig) -> list | None:
+    """The caller's features of the clean shots, one per shot group (None: tuning encodes them itself)."""
+    if shot_features is None:
+        return None
+    given = [shot_features[n] for n in names] if isinstance(shot_features, Mapping) else [shot_features]
+    for features, group in zip(given, groups):
+        if features.cls.shape[0] != group.shape[0] or features.locality_radius != config.score.locality_radius:
+            raise ValueError(f"shot_features: {features.cls.shape[0]} images at locality radius "
+                             f"{features.locality_radius} for {group.shape[0]} shots at radius "
+                             f"{config.score.locality_radius}; pass the features of exactly these shots, encoded "
+                             "with config.score.locality_radius (e.g. backbone.encode_batched(shots, ...))")
+    return given
 
 
 # ----------------------------------------------------------------------------------------- the loop
-def _logits(learner: PromptLearner, batch: Examples, temperature: float, text: torch.Tensor | None = None):
-    """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair.
-    ``text``: the learner's (P, 2, D) features when already computed (one batched pass for several sets)."""
-    text = learner.all_text_features() if text is None else text  # (P, 2, D)
+def _logits(learner: PromptLearner, batch: Examples, temperature: float):
+    """Learned [normal, anomalous] logits for every entry (batch order), each with its category's prompt pair."""
+    text = learner.all_text_features()  # (P, 2, D)
     if text.shape[0] == 1:
         cls, patches = patch_logits(batch.features, text[0], temperature)  # (B, 2), (L, B, N, 2)
         return cls, patches, text
@@ -261,8 +274,8 @@ def _logits(learner: PromptLearner, batch: Examples, temperature: float, text: t
     return torch.cat(cls)[back], torch.cat(patches, dim=1)[:, back], text
 
 
-def _losses(learner, meta, batch: Examples, config: APTConfig, with_meta: bool, text: torch.Tensor | None = None):
-    cls, patches, text = _logits(learner, batch, config.score.temperature, text)
+def _losses(learner, meta, batch: Examples, config: APTConfig, with_meta: bool):
+    cls, patches, text = _logits(learner, batch, config.score.temperature)
     total, parts = task_loss(cls, patches, batch.labels, batch.targets, config.train, batch.weights)
     m_loss = None
     if with_meta:
@@ -275,9 +288,7 @@ def _optimizer(params, train) -> torch.optim.Optimizer:
     """``train.optimizer``: Adam, or SGD with momentum (ProGrad's setting)."""
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    raise ValueError(f"config.train.optimizer={train.optimizer!r}; choose one of {OPTIMIZERS}")
+    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)  # "sgd"
 
 
 def _step(learner, meta, optimizer, batch: Examples, config: APTConfig, step: int, result: "TuneResult") -> dict:
@@ -304,8 +315,7 @@ def _check_finite(total: torch.Tensor, config: APTConfig, step: int, result: "Tu
 def _update(params: list, optimizer, total: torch.Tensor, m_loss: torch.Tensor, anchor: torch.Tensor | None,
             smgs) -> float | None:
     """SMGS's rule (λ > 0) on the gradient and/or the optimiser's update, and the optimiser step; returns the
-    conflict rate (None when λ = 0: SMGS off, no meta gradient). The losses need only have the right gradients
-    w.r.t. ``params`` (:mod:`apt_lab.batched` passes linear stand-ins)."""
+    conflict rate (None when λ = 0: SMGS off, no meta gradient)."""
     if not smgs.lam > 0:
         total.backward()
         optimizer.step()
@@ -348,7 +358,8 @@ def _new_result(backbone, shots, config: APTConfig, categories) -> TuneResult:
 
 
 def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callable[[dict], None]] = (),
-                 progress: bool = True, roi=None, categories: Sequence[str] | None = None) -> TuneResult:
+                 progress: bool = True, roi=None, categories: Sequence[str] | None = None,
+                 shot_features=None) -> TuneResult:
     """Learn prompts from normal shots: APT's CFG + prompt tuning + SMGS, in one call.
 
     Args:
@@ -362,6 +373,9 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
         roi: optional (K, S, S) bool region of interest (a dict of them for dict shots); None = computed once
             per shot with ``region_of_interest`` (or the whole image when ``config.perturb.region == "image"``).
         categories: names for a tensor of shots (one name), needed with ``per_category`` prompts.
+        shot_features: the shots' :class:`~apt_lab.backbone.ImageFeatures` when the caller already holds them
+            (``{category: features}`` for dict shots), encoded with ``config.score.locality_radius``; None =
+            encoded here. Data flows in arguments: nothing is cached on the backbone.
 
     Returns:
         :class:`TuneResult`. A KeyboardInterrupt (or ``StopTraining``) returns the steps done so far
@@ -382,7 +396,7 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     train, start_all = config.train, time.perf_counter()
     result = _new_result(backbone, shots, config, categories)  # seeded prompts, their frozen copy, meta-prompt
     learner, meta, timings = result.prompts, result.meta, result.timings
-    data = training_data(backbone, shots, config, roi, categories, timings)  # clean shots + pool, seeded
+    data = training_data(backbone, shots, config, roi, categories, timings, shot_features)  # clean shots + pool, seeded
     held_out = None
     if config.smgs.update == "periodic":  # anomalies never trained on, for the re-anchoring decision
         held_out = Examples.cat([data.build_pool(max(1, config.smgs.heldout_size)), data.clean])

@@ -148,7 +148,7 @@ def test_corrupt_prompt_files_name_the_path(tiny_backbone, tuned, tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from apt_lab.checkpoint import atomic_write
+    from apt_lab.data.files import atomic_write
 
     target = tmp_path / "results.json"
     target.write_text("old")

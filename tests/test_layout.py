@@ -18,9 +18,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "apt_lab"
 LAYERS = {
     "faces": {"cli", "report", "plots", "widgets", "notebook"},
-    "pipeline": {"pipeline", "checkpoint", "sweep", "features"},
+    "pipeline": {"pipeline", "checkpoint", "sweep", "features", "store"},
     "method": {"perturbations", "blobs", "roi", "prompts", "smgs", "losses", "tuning", "scoring", "baselines",
-               "thresholds", "batched"},
+               "thresholds"},
     "backbone": {"backbone", "weights"},
     "ground": {"config", "data", "metrics", "errors", "env", "_version"},
 }
@@ -97,7 +97,8 @@ def test_exceptions_are_defined_only_in_errors_py():
 
 @pytest.mark.parametrize("statement", ["import apt_lab.metrics", "import apt_lab.data; "
                                        "apt_lab.data.load_dataset('demo', category='brick')",
-                                       "import apt_lab, apt_lab.errors; apt_lab.__version__; apt_lab.StopTraining"])
+                                       "import apt_lab, apt_lab.errors; apt_lab.__version__; apt_lab.StopTraining",
+                                       "import apt_lab.store, apt_lab.report"])
 def test_light_imports_do_not_load_torch_or_open_clip(statement):
     code = f"import sys; {statement}; print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

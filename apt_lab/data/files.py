@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from ..errors import RunInUseError, UnsafeNameError
@@ -30,8 +31,9 @@ LOCK_NAME = ".apt_lab.lock"
 _HELD: dict[str, int] = {}  # realpath of a locked folder → nesting depth in this process
 
 
-def check_name(name, what: str = "category") -> str:
-    """``name`` when it is safe as one path component; else UnsafeNameError saying why."""
+def check_name(name, what: str = "category", max_bytes: int = 200) -> str:
+    """``name`` when it is safe as one path component; else UnsafeNameError saying why. ``max_bytes``: its longest
+    UTF-8 length (file systems allow 255 bytes per name; the rest leaves room for prefixes and suffixes)."""
     text = str(name)
     if not text or text.strip() != text:
         raise UnsafeNameError(f"{what} {text!r} is empty or has leading/trailing spaces; use a plain name.")
@@ -41,6 +43,9 @@ def check_name(name, what: str = "category") -> str:
                               "file's entry.")
     if any(ord(c) < 32 for c in text) or (len(text) > 1 and text[1] == ":"):
         raise UnsafeNameError(f"{what} {text!r} holds a control character or a drive letter; use a plain name.")
+    if len(text.encode("utf-8")) > max_bytes:
+        raise UnsafeNameError(f"{what} {text[:40]!r}... is {len(text.encode('utf-8'))} bytes long; a name becomes a "
+                              f"folder or file name, so at most {max_bytes} bytes: use a shorter one.")
     return text
 
 
@@ -92,7 +97,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "run folder"):
 
 def _acquire(path: Path, what: str) -> int:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_no_link(path, os.O_RDWR | os.O_CREAT)  # a link planted as the lock is refused
         if not _try_lock(fd):
             holder = _read_holder(fd)
             os.close(fd)
@@ -144,3 +149,160 @@ def _read_holder(fd: int) -> dict:
         return json.loads(data) if data.strip() else {}
     except (OSError, ValueError):
         return {"pid": "unknown"}
+
+
+# ------------------------------------------------------------------------------------- writes inside a folder
+# Every write, rename and delete under a folder a user gave us goes through the functions below. They never follow
+# a symbolic link inside that folder (a link planted as the lock, a temporary file, an output or an artefact folder
+# is refused with UnsafeNameError, never written through), write through a fresh temporary file in the same folder
+# and an atomic rename, and delete only the paths they are given (a link among them is removed itself, not its
+# target).
+def inside(folder: str | os.PathLike, relative: str | os.PathLike = "") -> Path:
+    """``folder / relative`` after checking that no component below ``folder`` is a symbolic link and that
+    ``relative`` stays inside (no ``..``, not absolute).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> inside(root, "prompts/brick.json") == root / "prompts" / "brick.json"
+        True
+        >>> (root / "examples").symlink_to("/tmp")
+        >>> inside(root, "examples/a.safetensors")
+        Traceback (most recent call last):
+        ...
+        apt_lab.errors.UnsafeNameError: ... is a symbolic link; apt_lab never writes through a link inside a run folder. Remove the link (it was not made by apt_lab).
+    """
+    parts = Path(relative).parts
+    if Path(relative).is_absolute() or ".." in parts:
+        raise UnsafeNameError(f"{relative!s} is not a path inside {folder}")
+    path = Path(folder)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeNameError(f"{path} is a symbolic link; apt_lab never writes through a link inside a run "
+                                  "folder. Remove the link (it was not made by apt_lab).")
+    return path
+
+
+def _leaf(folder, relative) -> Path:
+    """``folder / relative`` with no link among its folders (a link at the leaf is replaced by an atomic rename)."""
+    return inside(folder, Path(relative).parent) / Path(relative).name
+
+
+def make_folder(folder: str | os.PathLike, relative: str | os.PathLike = "") -> Path:
+    """Create ``folder / relative`` (and its parents below ``folder``), refusing links on the way."""
+    path = inside(folder, relative)
+    path.mkdir(parents=True, exist_ok=True)
+    return inside(folder, relative)  # a link swapped in meanwhile is caught here
+
+
+def atomic_write(target: str | os.PathLike, write, folder: str | os.PathLike | None = None) -> Path:
+    """Write ``target`` through a fresh temporary file beside it (``write(tmp_path)`` fills it), flushed to disk,
+    then an atomic rename: a reader, or a process killed at any moment, sees the old file or the new one. With
+    ``folder``, ``target`` must lie inside it with no link on the way; a link at ``target`` itself is replaced,
+    never followed.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.txt"
+        >>> atomic_write(path, lambda tmp: tmp.write_text("x")).read_text()
+        'x'
+    """
+    target = Path(target) if folder is None else _leaf(folder, target)  # with folder: target is relative to it
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")  # O_EXCL: never a link
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        _fsync(tmp)
+        os.replace(tmp, target)
+        _fsync(target.parent, directory=True)  # the rename itself survives a crash
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def write_if_changed(target: str | os.PathLike, data: str | bytes, folder: str | os.PathLike | None = None) -> bool:
+    """``data`` into ``target`` through :func:`atomic_write`, unless the regular file already holds exactly these
+    bytes (then nothing is touched, not even its modification time). Returns whether it wrote.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.csv"
+        >>> write_if_changed(path, "x,y\\n"), write_if_changed(path, "x,y\\n"), write_if_changed(path, "x,z\\n")
+        (True, False, True)
+    """
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    path = Path(target) if folder is None else _leaf(folder, target)
+    if not path.is_symlink() and path.is_file() and path.read_bytes() == data:
+        return False
+    atomic_write(target, lambda tmp: tmp.write_bytes(data), folder)
+    return True
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line with a single ``write`` (O_APPEND, never through a link), then fsync: a kill leaves either
+    the whole line or a cut-off tail without its newline."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = _open_no_link(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cut_partial_line(path: str | os.PathLike) -> int:
+    """Cut a last line that has no newline (left by a kill mid-write); returns the number of bytes removed."""
+    if not Path(path).is_file() or Path(path).is_symlink():
+        return 0
+    fd = _open_no_link(path, os.O_RDWR)
+    try:
+        data = os.read(fd, os.fstat(fd).st_size)
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            os.ftruncate(fd, keep)
+        return len(data) - keep
+    finally:
+        os.close(fd)
+
+
+def remove_files(folder: str | os.PathLike, relatives) -> list[str]:
+    """Delete exactly ``relatives`` (paths inside ``folder`` that apt_lab wrote), then the folders they leave
+    empty; a link among them is removed itself, never followed. Returns what was removed."""
+    removed, parents = [], set()
+    for relative in relatives:
+        path = _leaf(folder, relative)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(str(relative))
+        parents.update(p for p in Path(relative).parents if str(p) != ".")
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            (Path(folder) / parent).rmdir()  # only when empty (and never a link: rmdir refuses one)
+    return removed
+
+
+def _open_no_link(path: str | os.PathLike, flags: int) -> int:
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as error:
+        if Path(path).is_symlink():
+            raise UnsafeNameError(f"{path} is a symbolic link; apt_lab never writes through a link inside a run "
+                                  "folder. Remove the link (it was not made by apt_lab).") from None
+        raise error
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # e.g. directories cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
