@@ -20,7 +20,7 @@ from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
-           "pixel_metrics", "PixelCounts", "aupro", "pro_curve", "evaluate", "mean_metrics", "metric_rows",
+           "pixel_metrics", "PixelCounts", "aupro", "pro_curve", "evaluate",
            "format_metric", "METRIC_KEYS"]
 CFLOW_STEPS = 200
 
@@ -540,37 +540,6 @@ def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 
 
 
 # --- tables ----------------------------------------------------------------------------------------
-def mean_metrics(per_category: dict[str, dict]) -> dict:
-    """Macro mean over categories of every metric present (as a number) in all of them.
-
-    Example:
-        >>> mean_metrics({"a": {"image_auroc": 0.5}, "b": {"image_auroc": 1.0}})
-        {'image_auroc': 0.75}
-    """
-    if not per_category:
-        return {}
-    names = set.intersection(*(set(k for k, v in m.items() if isinstance(v, (int, float)) and v is not None)
-                               for m in per_category.values()))
-    return {name: sum(m[name] for m in per_category.values()) / len(per_category) for name in sorted(names)}
-
-
-def metric_rows(results: dict) -> list[tuple[str, dict]]:
-    """The rows of every results table (terminal, CSV, HTML): (category, metrics) per category, then the mean row,
-    labelled "mean" — or "(mean)" when a category is itself called "mean".
-
-    Example:
-        >>> metric_rows({"categories": {"a": {"metrics": {"image_auroc": 0.5}}}, "mean": {"image_auroc": 0.5}})
-        [('a', {'image_auroc': 0.5}), ('mean', {'image_auroc': 0.5})]
-        >>> [label for label, _ in metric_rows({"categories": {"mean": {"metrics": {}}}, "mean": {}})]
-        ['mean', '(mean)']
-    """
-    rows = [(name, entry["metrics"]) for name, entry in results["categories"].items()]
-    label = "mean"
-    while label in results["categories"]:
-        label = f"({label})"
-    return rows + [(label, results.get("mean") or mean_metrics(dict(rows)))]
-
-
 def format_metric(value, digits: int = 4) -> str:
     """How every table prints a value: "" for None, "nan", fixed ``digits`` for floats, str() otherwise.
 

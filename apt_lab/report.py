@@ -39,7 +39,7 @@ def write_report(folder: str | Path, repair: bool = False) -> Path:
     A rerun draws exactly the same page (figures get fixed ids; an unchanged page is not rewritten), and the page
     goes through a temporary file and an atomic rename: an interrupted write leaves the previous report intact.
     """
-    from .plots import metric_legend
+    from .plots import METRIC_NAMES, metric_legend
 
     store = RunStore(folder)
     identity = store.identity()
@@ -51,6 +51,8 @@ def write_report(folder: str | Path, repair: bool = False) -> Path:
     parts = [_header(store.folder, identity, cells), f"<p>{html.escape(caption(identity, cells))}</p>",
              _table(rows), f"<p class='legend'>{html.escape(metric_legend())}</p>"]
     figures = [_bars(rows)] if len(rows) > 1 else []
+    figures += [(f"{METRIC_NAMES['image_auroc']} against {key}", "Mean over categories; error bars: std over seeds.",
+                 setting_figure(identity, rows, key)) for key in numeric_settings(identity)]
     figures += _maps(store.folder, identity, cells)
     for number, (title, note, figure) in enumerate(figures):
         parts.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else ""))
@@ -90,7 +92,7 @@ def _table(rows: list[dict]) -> str:
     for row in rows:
         cells = [html.escape(row["method"]), str(row["shots"]), html.escape(row["category"]), str(row["n"]),
                  *[format_cell(row.get(m)) for m in TABLE_METRICS]]
-        kind = " class='mean'" if row["category"] == "mean" else ""
+        kind = " class='mean'" if row.get("mean") else ""
         body.append(f"<tr{kind}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -113,6 +115,38 @@ def _bars(rows: list[dict], metric: str = "image_auroc"):
     figure.update_layout(barmode="group", yaxis=dict(title=label, range=[0, 102]), height=360,
                          margin=dict(l=50, r=10, t=10, b=40), legend=dict(orientation="h", y=-0.15))
     return f"{METRIC_NAMES.get(metric, metric)} per category", None, figure
+
+
+def numeric_settings(identity: dict) -> list[str]:
+    """The varied settings (``--vary``) with two or more numeric values: what a metric can be plotted against."""
+    return [key for key, values in identity.get("vary", {}).items()
+            if len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)]
+
+
+def setting_figure(identity: dict, rows: list[dict], key: str, metric: str = "image_auroc"):
+    """The macro mean of ``metric`` (± std over seeds, in percent) against a varied numeric setting ``key``: one
+    line per method and shot count (and per value of any other varied setting). ``rows``: :func:`table_rows`."""
+    import plotly.graph_objects as go
+
+    from .plots import METRIC_NAMES
+
+    lines: dict[str, list[tuple[float, tuple]]] = {}
+    for row in rows:
+        settings = identity["variants"][row["method"]]["settings"]
+        if not row.get("mean") or key not in settings or metric not in row:
+            continue
+        others = "".join(f" {k}={v}" for k, v in settings.items() if k in identity["vary"] and k != key)
+        lines.setdefault(f"{row['method'].split(' ')[0]}{others}, {row['shots']} shots", []).append(
+            (settings[key], row[metric]))
+    figure = go.Figure()
+    for name, points in lines.items():
+        points.sort(key=lambda point: point[0])
+        figure.add_trace(go.Scatter(x=[x for x, _ in points], y=[m * 100 for _, (m, _) in points], name=name,
+                                    mode="lines+markers", error_y=dict(type="data", visible=True,
+                                                                       array=[(sd or 0) * 100 for _, (_, sd) in points])))
+    label = f"{METRIC_NAMES.get(metric, metric)} (%)"
+    figure.update_layout(xaxis_title=key, yaxis=dict(title=label), height=360, margin=dict(l=50, r=10, t=10, b=40))
+    return figure
 
 
 def _maps(folder: Path, identity: dict, cells: dict) -> list[tuple]:

@@ -262,8 +262,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def table_rows(identity: dict, cells: Iterable[dict], metrics: Sequence[str] = TABLE_METRICS) -> list[dict]:
     """The paper table: one row per (category, shots, method) in plan order, then one ``mean`` row per (shots,
-    method). A row's metric is (mean, std) over seeds with ``n`` seeds; the mean row is the macro mean over the
-    categories computed per seed, then mean ± std over the seeds every category has.
+    method). A row's metric is (mean, std) over seeds with ``n`` seeds; the mean row (``"mean": True``; labelled
+    "(mean)" when a category is itself called "mean") is the macro mean over the categories computed per seed, then
+    mean ± std over the seeds every category has.
 
     Example:
         >>> ident = {"categories": ["a", "b"], "shots": [1], "seeds": [0, 1], "variants": {"apt": {}}}
@@ -284,6 +285,7 @@ def table_rows(identity: dict, cells: Iterable[dict], metrics: Sequence[str] = T
                 rows.append(_row(category, shots, method, len(by_seed), metrics,
                                  lambda m: [v[m] for v in by_seed.values() if v.get(m) is not None],
                                  len(by_seed)))
+    label = "(mean)" if "mean" in identity["categories"] else "mean"  # a category may be called "mean"
     for shots, method in columns:
         per_category = [found[key] for key in ((c, shots, method) for c in identity["categories"]) if key in found]
         if not per_category:
@@ -293,7 +295,7 @@ def table_rows(identity: dict, cells: Iterable[dict], metrics: Sequence[str] = T
         def per_seed(metric, per_category=per_category, seeds=seeds):
             values = [[by_seed[s].get(metric) for by_seed in per_category] for s in seeds]
             return [sum(v) / len(v) for v in values if all(x is not None for x in v)]
-        rows.append(_row("mean", shots, method, len(seeds), metrics, per_seed, len(seeds)))
+        rows.append({**_row(label, shots, method, len(seeds), metrics, per_seed, len(seeds)), "mean": True})
     return rows
 
 
@@ -338,7 +340,7 @@ def table_markdown(identity: dict, cells: dict, metrics: Sequence[str] = TABLE_M
     header = ["method", "shots", "category", "n", *metrics]
     lines = [f"*{caption(identity, cells)}*", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table_rows(identity, cells.values(), metrics):
-        label = "**mean**" if row["category"] == "mean" else row["category"]
+        label = f"**{row['category']}**" if row.get("mean") else row["category"]
         lines.append("| " + " | ".join([row["method"], str(row["shots"]), label, str(row["n"]),
                                         *[format_cell(row.get(m)) for m in metrics]]) + " |")
     return "\n".join(lines) + "\n"

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import itertools
+import json
 import shutil
 import sys
 import time
@@ -33,7 +35,7 @@ from .config import APTConfig
 from .data.files import check_name, folder_lock, make_folder
 from .store import Cell, RunStore, plan_of, run_id
 
-BUILTIN_METHODS = ("apt", "no-smgs", "human")
+BUILTIN_METHODS = ("apt", "no-smgs", "human")  # the default methods of a sweep
 
 
 def load_plugins(plugins: Iterable[str]) -> None:
@@ -52,18 +54,106 @@ def load_plugins(plugins: Iterable[str]) -> None:
             importlib.import_module(plugin)
 
 
+NAMED_VARIANTS = {  # name → (kind, settings by dotted config name): the paper's components switched on and off
+    "apt": ("apt", {}),  # APT: CFG on the region of interest + SMGS (λ = 1)
+    "human": ("human", {}),  # WinCLIP's human-written prompts, no tuning (zero-shot)
+    "no-smgs": ("apt", {"smgs.lam": 0.0}),  # plain prompt tuning: SMGS off
+    "no-roi": ("apt", {"perturb.region": "image"}),  # CFG anywhere on the image, not on the region of interest
+    "no-roi-no-smgs": ("apt", {"perturb.region": "image", "smgs.lam": 0.0}),  # both components off
+    "smgs+anchor": ("apt", {"smgs.anchor_weight": 1.0, "smgs.apply_to": "both"}),  # SMGS tied to the initial meta
+}
+ABLATIONS = {  # --ablation NAME → the variants it expands to (docs/sweeps.md lists their settings)
+    "paper": ("human", "no-roi-no-smgs", "no-roi", "no-smgs", "apt"),  # APT's component table: CFG's ROI × SMGS
+    "perturbations": (),  # each registered pixel perturbation alone (filled in when expanded: plugins count)
+}
+
+
 def method_settings(method: str) -> tuple[str, dict]:
-    """A method name → (kind, the config settings it changes, by dotted name)."""
-    if method in ("apt", "human"):
-        return method, {}
-    if method == "no-smgs":
-        return "apt", {"smgs.lam": 0.0}
+    """A method name → (kind, the config settings it changes, by dotted name): a named variant
+    (:data:`NAMED_VARIANTS`) or a registered pixel perturbation (APT trained on that scheme alone)."""
+    if method in NAMED_VARIANTS:
+        kind, settings = NAMED_VARIANTS[method]
+        return kind, dict(settings)
     from .perturbations import list_perturbations
 
     if method in list_perturbations(space="pixel"):
         return "apt", {"perturb.generators": [method]}
-    raise ValueError(f"unknown method {method!r}: use one of {list(BUILTIN_METHODS)} or a registered pixel "
+    raise ValueError(f"unknown method {method!r}: use one of {list(NAMED_VARIANTS)} or a registered pixel "
                      f"perturbation {list_perturbations(space='pixel')} (load your own with --plugin file.py)")
+
+
+def ablation_methods(name: str) -> tuple[str, ...]:
+    """``--ablation NAME`` → its methods, e.g. ``ablation_methods("paper")``.
+
+    Example:
+        >>> ablation_methods("paper")
+        ('human', 'no-roi-no-smgs', 'no-roi', 'no-smgs', 'apt')
+    """
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; choose one of {list(ABLATIONS)}")
+    if name == "perturbations":
+        from .perturbations import list_perturbations
+
+        return tuple(list_perturbations(space="pixel"))
+    return ABLATIONS[name]
+
+
+def parse_vary(texts: Sequence[str]) -> dict[str, list]:
+    """``["smgs.lam=0,0.5,1", "perturb.roi_method=text,pixels"]`` → ``{"smgs.lam": [0, 0.5, 1], ...}``: each value
+    read as JSON where it is JSON (numbers, true/false, [lists]), else as a string. Values are checked by the
+    config's own rules when the variants are built (:func:`resolve_variants`), before anything runs.
+
+    Example:
+        >>> parse_vary(["smgs.lam=0,1", "perturb.strength=[0.1,0.2],[0.5,0.6]", "perturb.roi_method=text"])
+        {'smgs.lam': [0, 1], 'perturb.strength': [[0.1, 0.2], [0.5, 0.6]], 'perturb.roi_method': ['text']}
+    """
+    out = {}
+    for text in texts:
+        key, sep, values = text.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ValueError(f"--vary {text!r}: write KEY=V1,V2,... with a dotted config name, e.g. smgs.lam=0,1")
+        parts, depth, current = [], 0, ""
+        for char in values:  # split on commas outside [brackets]
+            depth += (char == "[") - (char == "]")
+            if char == "," and depth == 0:
+                parts.append(current)
+                current = ""
+            else:
+                current += char
+        parts.append(current)
+        out[key.strip()] = [_value(part.strip()) for part in parts]
+    return out
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def vary_variants(methods: Sequence[str], vary: Mapping[str, Sequence]) -> dict[str, tuple[str, dict]]:
+    """Every method × every combination of the varied values (their product), as named variants. A method whose
+    kind never reads a varied section (human prompts ignore perturb, prompts, smgs, train) is kept once.
+
+    Example:
+        >>> list(vary_variants(["apt", "human"], {"smgs.lam": [0, 1]}))
+        ['apt smgs.lam=0', 'apt smgs.lam=1', 'human']
+    """
+    combos = [dict(zip(vary, values)) for values in itertools.product(*vary.values())]
+    out = {}
+    for method in methods:
+        kind, settings = method_settings(method)
+        if kind == "human" and all(key.split(".")[0] in UNUSED_BY_HUMAN for key in vary):
+            out[method] = (kind, settings)
+            continue
+        for combo in combos:
+            label = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in combo.items())
+            out[f"{method} {label}"] = (kind, {**settings, **combo})
+    return out
+
+
+UNUSED_BY_HUMAN = ("perturb", "prompts", "smgs", "train")  # config sections human prompts never read
 
 
 def apply_settings(config: APTConfig, settings: Mapping[str, object]) -> APTConfig:
@@ -79,11 +169,10 @@ def apply_settings(config: APTConfig, settings: Mapping[str, object]) -> APTConf
 
 def resolve_variants(methods: Sequence[str], config: APTConfig,
                      variants: Mapping[str, tuple[str, Mapping]] | None = None) -> dict[str, dict]:
-    """Every method (and extra ``variants``: name → (kind, settings)) as name → {kind, settings, zero_shot}; each
-    variant's config is built now, so a bad name or setting fails before anything runs. Zero-shot = human prompts
-    without the shots' visual memory."""
-    named = {m: method_settings(m) for m in methods}
-    named.update({name: (kind, dict(settings)) for name, (kind, settings) in (variants or {}).items()})
+    """Every method — or, when given, every one of ``variants`` (name → (kind, settings)) — as name → {kind,
+    settings, zero_shot}; each variant's config is built now, so a bad name or setting fails before anything runs.
+    Zero-shot = human prompts without the shots' visual memory."""
+    named = dict(variants) if variants else {m: method_settings(m) for m in methods}
     out = {}
     for name, (kind, settings) in named.items():
         check_name(name, "method")
@@ -99,14 +188,17 @@ def resolve_variants(methods: Sequence[str], config: APTConfig,
 
 def run_sweep(dataset_name: str, config: APTConfig, *, root=None, categories: Sequence[str] | None = None,
               shots: Sequence[int] = (1, 2, 4), seeds: Sequence[int] = (0, 1, 2),
-              methods: Sequence[str] = BUILTIN_METHODS, variants: Mapping[str, tuple[str, Mapping]] | None = None,
-              out: str | Path = "runs", name: str | None = None, executor: str = "local", address: str | None = None,
-              workers: int | None = None, plugins: Sequence[str] = (), overwrite: bool = False, repair: bool = False,
+              methods: Sequence[str] = BUILTIN_METHODS, vary: Mapping[str, Sequence] | None = None,
+              ablation: str | None = None, out: str | Path = "runs", name: str | None = None,
+              executor: str = "local", address: str | None = None, workers: int | None = None, plugins: Sequence[str] = (), overwrite: bool = False, repair: bool = False,
               artefacts: bool = False, progress: bool = True, backbone=None) -> Path:
     """Run every missing cell into ``<out>/<name>/``; returns the folder. See the module docstring.
 
     Args:
-        variants: extra named variants, name → (kind, {dotted config name: value}), beside ``methods``.
+        methods: method names (:data:`NAMED_VARIANTS` or registered pixel perturbations).
+        vary: ``{dotted config name: [values]}``; every method × the product of the values becomes a variant
+            (``parse_vary`` reads the command line's ``--vary KEY=V1,V2``).
+        ablation: a name in :data:`ABLATIONS`, used instead of ``methods`` (e.g. "paper").
         executor: "local" (this process) or "ray" (categories as Ray tasks, one GPU each when the cluster has
             GPUs; ``address`` of an existing cluster, else a local Ray instance with ``workers`` CPUs).
         plugins: ``.py`` files or module names imported first (here and in every Ray worker).
@@ -118,15 +210,21 @@ def run_sweep(dataset_name: str, config: APTConfig, *, root=None, categories: Se
     Everything that needs no model is checked first: methods, settings, names, every category's files and
     enough training images for the largest shot count.
     """
-    from .pipeline import check_datasets
+    from .pipeline import check_datasets, with_shots
 
     if executor not in ("local", "ray"):
         raise ValueError(f"executor={executor!r}: use 'local' or 'ray'")
+    if not shots or not seeds:
+        raise ValueError(f"shots={list(shots)}, seeds={list(seeds)}: give at least one of each")
+    for k in shots:  # every shot count and seed is a valid config value (k ≥ 1, seed ≥ 0), checked now
+        for seed in seeds:
+            with_shots(config, k, seed)
     load_plugins(plugins)
-    resolved = resolve_variants(methods, config, variants)
+    methods = ablation_methods(ablation) if ablation else tuple(methods)
+    resolved = resolve_variants(methods, config, vary_variants(methods, vary) if vary else None)
     datasets = check_datasets(dataset_name, categories, root, max(shots))
     folder = Path(out) / check_name(name or f"sweep-{dataset_name}-{config.name}", "run name")
-    identity = _identity(dataset_name, root, datasets, shots, seeds, resolved, config)
+    identity = {**_identity(dataset_name, root, datasets, shots, seeds, resolved, config), "vary": dict(vary or {})}
     created = not folder.exists()
     make_folder(folder)
     try:
@@ -141,7 +239,7 @@ def run_sweep(dataset_name: str, config: APTConfig, *, root=None, categories: Se
             if executor == "local":
                 with _bar(len(todo), progress) as bar:
                     run_cells(config, identity, root, todo, folder=folder, backbone=backbone, artefacts=artefacts,
-                              on_record=lambda record: (store.append(record), bar.update(1)))
+                              on_record=lambda record: (store.append(record), bar.update(1)), verbose=not progress)
             else:
                 _run_on_ray(config, identity, root, todo, store, address, workers, plugins, artefacts, progress)
     except BaseException:
@@ -164,14 +262,15 @@ def _identity(dataset_name, root, datasets, shots, seeds, variants, config: APTC
 
 def run_cells(config: APTConfig, identity: dict, root, cells: Sequence[Cell], folder: Path | None = None,
               backbone=None, artefacts: bool = False, threads: int | None = None, plugins: Sequence[str] = (),
-              on_record=None) -> list[dict]:
+              on_record=None, verbose: bool = False) -> list[dict]:
     """Run ``cells`` and return their records (``on_record`` gets each as it finishes: the local sweep appends it
     to the store at once). What a local sweep and each Ray task call.
 
     Cells are grouped by the backbone their variant needs (one load each; ``backbone`` serves the base config),
     then by category, with one :class:`~apt_lab.features.FeatureStore` per (backbone, category) whose test images
     and largest shot draw are encoded first, in a fixed order. ``threads``: torch CPU threads (a Ray task on a
-    CPU-only cluster gets the driver's count: float sums depend on it, so cells stay bit-identical)."""
+    CPU-only cluster gets the driver's count: float sums depend on it, so cells stay bit-identical). ``verbose``:
+    print a line as each cell starts (when no progress bar shows it)."""
     import torch
 
     from .backbone import load_backbone_from_config
@@ -198,6 +297,9 @@ def run_cells(config: APTConfig, identity: dict, root, cells: Sequence[Cell], fo
             store.features(dataset.test, None, radius)  # fixed order: test set, then the largest draw
             store.features(dataset.train, few_shot(dataset.train, max(identity["shots"])), radius)
             for cell in (c for c in group if c.category == category):
+                if verbose:
+                    print(f"[{category}] {cell.key}: {len(dataset.train)} train / {len(dataset.test)} test images",
+                          flush=True)
                 record = _run_cell(model, dataset, configs[cell.method], variants[cell.method]["kind"], cell, store,
                                    identity, folder if artefacts else None)
                 if on_record is not None:

@@ -2,7 +2,7 @@
 
 The sweep of issue 9: 15 categories with MVTec AD's train and test counts (1,725 test images), k ∈ {1, 2, 4} with
 the shipped fixed draws (nested), 3 seeds, APT with the paper preset (ViT-L-14-336 at 518 px, 400 steps, a pool
-of 64 perturbed images), random weights (weight values never change speed). It runs ``apt_lab.pipeline.compare``,
+of 64 perturbed images), random weights (weight values never change speed). It runs ``apt_lab.sweep.run_sweep``,
 category-outermost with one FeatureStore per category. The data are synthetic images in the MVTec layout, written
 once under ``--data`` (test images at ``--image-px`` pixels, so decoding costs something; anomalous ones with a
 blob mask; files repeat through symbolic links).
@@ -48,7 +48,9 @@ from apt_lab.backbone import load_backbone_from_config, pick_device  # noqa: E40
 from apt_lab.config import APTConfig  # noqa: E402
 from apt_lab.data.draws import TRAIN_COUNTS  # noqa: E402
 from apt_lab.features import FeatureStore  # noqa: E402
-from apt_lab.pipeline import compare, run_category  # noqa: E402
+from apt_lab.pipeline import run_category  # noqa: E402
+from apt_lab.store import RunStore  # noqa: E402
+from apt_lab.sweep import run_sweep  # noqa: E402
 
 # MVTec AD test split: (all test images, normal ones) per category; 1,725 test images in all.
 MVTEC_TEST = {"bottle": (83, 20), "cable": (150, 58), "capsule": (132, 23), "carpet": (117, 28), "grid": (78, 21),
@@ -154,7 +156,6 @@ def main() -> None:
           f"(written in {data_s:.1f} s); {'a store per run (no reuse)' if args.no_reuse else 'one store per category'}",
           flush=True)
 
-    variants = {"APT": ("apt", config)}
     start = time.perf_counter()
     if args.no_reuse:
         rows = []
@@ -165,14 +166,11 @@ def main() -> None:
                     result = run_category(backbone, dataset, config, k=k, seed=seed,
                                           store=FeatureStore(backbone, config.score.batch_size))
                     rows.append({"category": category, **result.timings})
-    else:
-        def show(row: dict) -> None:
-            seconds = sum(row[key] for key in ("encode_s", "tune_s", "score_s", "evaluate_s"))
-            print(f"  {row['category']:<11} k={row['k']} seed={row['seed']}: image AUROC {row['image_auroc']:.3f}, "
-                  f"{seconds:.1f} s", flush=True)
-
-        rows = compare(backbone, "mvtec", args.categories, variants, seeds=args.seeds, k=args.shots, root=str(root),
-                       on_row=show if args.small else None)
+    else:  # the sweep itself, into a fresh run folder: what `apt-lab sweep` does
+        folder = run_sweep("mvtec", config, root=str(root), categories=args.categories, shots=args.shots,
+                           seeds=args.seeds, methods=("apt",), out=Path(root) / "runs", name=f"bench-{os.getpid()}",
+                           backbone=backbone, progress=args.small)
+        rows = [{"category": c["category"], **c["timings"]} for c in RunStore(folder).cells().values()]
     total = time.perf_counter() - start
 
     def summed(key: str) -> float:

@@ -10,7 +10,7 @@ For a CUDA machine (not part of ``make test``)::
 
 With 15 minutes of device time and 10 minutes per command, split it: ``--no-sweep`` first, then a reduced sweep,
 e.g. ``python benchmarks/bench_sweep.py --categories bottle pill zipper --seeds 0`` (9 of the 135 runs; the
-full sweep tunes 135 × 400 steps and takes longer than that budget until tuning is batched).
+full sweep tunes 135 × 400 steps and takes longer than that budget).
 
 First the device tests (tests/test_device_pool.py and tests/test_precision.py: the pool on CUDA; bf16, fp16 and
 tf32 tune + score on CUDA against fp32). Then each notebook in its own process: ``APT_LAB_QUICK=0`` (full mode: the

@@ -23,6 +23,8 @@ from apt_lab.data import load_dataset
 from apt_lab.data.readers import DEMO_ROOT
 from apt_lab.errors import ConfigError, DatasetCheckError, UnknownBackboneError
 from apt_lab.prompts import PromptLearner
+from apt_lab.store import RunStore, write_tables
+from apt_lab.sweep import run_experiment
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_command_line_errors_are_one_line_and_leave_no_run_folder(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("apt-lab: error: Unknown category 'nope'") and err.count("\n") == 1
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
-    assert main(["demo", "--preset", "nope"]) == 1
+    assert main(["demo", "--preset", "nope"]) == 2  # a bad argument: exit 2 (issue 18)
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["demo", "--preset", "quick", "--steps", "-2", "--out", str(tmp_path / "runs")]) == 1
     assert "train.steps=-2: must be an int ≥ 0" in capsys.readouterr().err
@@ -126,8 +128,8 @@ def test_command_line_errors_are_one_line_and_leave_no_run_folder(tmp_path, caps
 def test_steps_zero_on_the_command_line_is_honoured(tmp_path):
     assert main(["demo", "--preset", "quick", "--categories", "brick", "--steps", "0", "--out", str(tmp_path),
                  "--name", "s0", "--no-progress"]) == 0
-    results = json.loads((tmp_path / "s0" / "results.json").read_text())
-    assert results["config"]["train"]["steps"] == 0 and "brick" in results["categories"]
+    store = RunStore(tmp_path / "s0")
+    assert store.identity()["config"]["train"]["steps"] == 0 and "brick/k2/s0/apt" in store.cells()
 
 
 def test_a_category_called_mean_keeps_its_own_row(tmp_path):
@@ -136,9 +138,9 @@ def test_a_category_called_mean_keeps_its_own_row(tmp_path):
         shutil.copytree(DEMO_ROOT / "brick" / "test" / source, root / kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # no masks: pixel metrics skipped (tested above)
-        folder = pipeline.run_experiment("folder", APTConfig.preset("quick"), root=str(root), method="human",
-                                         out=tmp_path / "runs", progress=False)
-    rows = list(csv.reader(open(folder / "results.csv")))
-    assert [r[0] for r in rows] == ["category", "mean", "(mean)"]
-    results = json.loads((folder / "results.json").read_text())
-    assert rows[1][1] == rows[2][1] == f"{results['categories']['mean']['metrics']['image_auroc']:.4f}"
+        folder = run_experiment("folder", APTConfig.preset("quick"), root=str(root), method="human",
+                                out=tmp_path / "runs", progress=False)
+    rows = list(csv.reader(open(write_tables(folder)[1])))
+    assert [r[2] for r in rows] == ["category", "mean", "(mean)"]
+    value = RunStore(folder).cells()["mean/k0/s0/human"]["metrics"]["image_auroc"]
+    assert rows[1][4] == rows[2][4] == f"{value * 100:.2f}"

@@ -1,4 +1,4 @@
-"""Encode once: FeatureStore (memory and disk), score on features, shots reused by tuning, compare's loop order.
+"""Encode once: FeatureStore (memory and disk), score on features, shots handed to tuning, a sweep's loop order.
 
 Encoder passes are counted by ``backbone.images_encoded`` (every image through the image tower adds one)."""
 import warnings
@@ -11,7 +11,7 @@ import apt_lab
 from apt_lab.config import APTConfig
 from apt_lab.data import few_shot, load_dataset
 from apt_lab.features import FeatureStore
-from apt_lab.pipeline import compare, run_category
+from apt_lab.pipeline import run_category
 from apt_lab.scoring import build_memory, score
 
 CONFIG = APTConfig.preset("quick", train__steps=2, train__pool_size=4)
@@ -57,16 +57,19 @@ def test_score_on_features_equals_score_on_images_and_costs_no_pass(backbone, br
         score(backbone, text, features, CONFIG.replace(score__locality_radius=1))
 
 
-def test_reuse_features_serves_only_the_same_unchanged_tensor(backbone):
+def test_tuning_takes_shot_features_as_an_argument_and_encodes_nothing_else(backbone):
+    """The old pipeline handed features through a cache on the backbone keyed on tensor identity and torch's
+    private ``_version``; now they are an argument, checked against the shots."""
+    assert not hasattr(backbone, "reuse_features") and not hasattr(backbone, "_known")
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     features = backbone.encode_batched(x)
-    with backbone.reuse_features(x, features):
-        assert backbone.encode_batched(x) is features
-        assert backbone.encode_batched(x.clone()) is not features  # equal pixels, another tensor: encoded
-        assert backbone.encode_batched(x, locality_radius=1) is not features
-        x[0, 0, 0, 0] = 0.5  # changed in place: encoded again
-        assert backbone.encode_batched(x) is not features
-    assert backbone.images_encoded == 2 + 2 + 2 + 2
+    config = CONFIG.replace(perturb__region="image")
+    given = apt_lab.tune_prompts(backbone, x, config, progress=False, shot_features=features)
+    assert backbone.images_encoded == 2 + config.train.pool_size  # the pool only: no second pass over the shots
+    plain = apt_lab.tune_prompts(backbone, x, config, progress=False)
+    assert torch.equal(given.prompts.ctx[0], plain.prompts.ctx[0])
+    with pytest.raises(ValueError, match="shot_features: 1 images at locality radius 0 for 2 shots"):
+        apt_lab.tune_prompts(backbone, x, config, progress=False, shot_features=features[:1])
 
 
 def test_runs_sharing_a_store_encode_test_images_and_shots_once(backbone, brick):
@@ -88,15 +91,13 @@ def test_runs_sharing_a_store_encode_test_images_and_shots_once(backbone, brick)
     assert (again.anomaly_maps.float() - direct.anomaly_maps).abs().max() < 5e-4  # float16 rounding (≈ 2.4e-4 at 0.4)
 
 
-def test_compare_is_category_outermost_with_one_store_per_category(backbone):
-    variants = {"human": ("human", CONFIG), "APT": ("apt", CONFIG)}
-    rows = compare(backbone, "demo", ["brick", "grass"], variants, seeds=(0,), k=(1, 2))
-    assert [(r["category"], r["k"], r["seed"], r["variant"]) for r in rows] == [
-        ("brick", 1, 0, "human"), ("brick", 1, 0, "APT"), ("brick", 2, 0, "human"), ("brick", 2, 0, "APT"),
-        ("grass", 1, 0, "human"), ("grass", 1, 0, "APT"), ("grass", 2, 0, "human"), ("grass", 2, 0, "APT")]
+def test_a_sweep_encodes_each_category_once_for_every_cell(backbone, tmp_path):
+    from apt_lab.sweep import run_sweep
+
+    run_sweep("demo", CONFIG, categories=["brick", "grass"], shots=(1, 2), seeds=(0,), methods=("human", "apt"),
+              out=tmp_path, name="s", progress=False, backbone=backbone)
     tests = sum(len(load_dataset("demo", category=c).test) for c in ("brick", "grass"))
-    assert backbone.images_encoded == tests + 2 * 2 + 2 * 2 * CONFIG.train.pool_size  # 4 APT runs, one pool each
-    assert all(r["encode_s"] >= 0 and "pool_s" in r for r in rows if r["variant"] == "APT")
+    assert backbone.images_encoded == tests + 2 * 2 + 2 * 2 * CONFIG.train.pool_size  # 4 APT cells, one pool each
 
 
 def test_disk_cache_is_content_keyed_detects_damage_and_rebuilds(backbone, brick, tmp_path):
@@ -126,3 +127,19 @@ def test_disk_cache_is_content_keyed_detects_damage_and_rebuilds(backbone, brick
     store = FeatureStore(other, cache_dir=tmp_path)
     store.features(brick.test)
     assert store.loaded == 0 and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_a_cache_file_copied_over_another_is_caught_and_rebuilt(backbone, brick, tmp_path):
+    """The cache was keyed by content in its file name only: another category's file copied over it loaded
+    silently and changed the metrics. The key is now inside the file."""
+    grass = load_dataset("demo", category="grass")
+    FeatureStore(backbone, cache_dir=tmp_path).features(brick.test)
+    (brick_file,) = tmp_path.glob("*.safetensors")
+    FeatureStore(backbone, cache_dir=tmp_path).features(grass.test)
+    (grass_file,) = set(tmp_path.glob("*.safetensors")) - {brick_file}
+    fresh = FeatureStore(backbone).features(brick.test)
+    brick_file.write_bytes(grass_file.read_bytes())  # same shapes (14 test images each), other images
+    store = FeatureStore(backbone, cache_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="its key is not this request's"):
+        loaded = store.features(brick.test)
+    assert store.loaded == 0 and torch.equal(loaded.cls, fresh.cls)

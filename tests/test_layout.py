@@ -3,7 +3,8 @@
 Layers, top to bottom (a module may import from its own layer and the layers below it, never above):
 
     faces     cli, report, plots, widgets, notebook          what a person runs or sees
-    pipeline  pipeline, checkpoint, sweep, features          running a method over a dataset, run folders
+    pipeline  pipeline, checkpoint, sweep, store, features,  running a method over a dataset, run folders
+              severity, cluster
     method    perturbations, blobs, roi, prompts, smgs, losses, tuning, scoring, baselines, thresholds
     backbone  backbone, weights                              the frozen open_clip model
     ground    config, data, metrics, errors, env, _version   no model code
@@ -18,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "apt_lab"
 LAYERS = {
     "faces": {"cli", "report", "plots", "widgets", "notebook"},
-    "pipeline": {"pipeline", "checkpoint", "sweep", "features", "store"},
+    "pipeline": {"pipeline", "checkpoint", "sweep", "features", "store", "severity", "cluster"},
     "method": {"perturbations", "blobs", "roi", "prompts", "smgs", "losses", "tuning", "scoring", "baselines",
                "thresholds"},
     "backbone": {"backbone", "weights"},

@@ -22,6 +22,7 @@ import pytest
 
 from apt_lab.cli import main
 from apt_lab.data.readers import DEMO_ROOT
+from apt_lab.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO),
@@ -106,20 +107,18 @@ def test_ctrl_c_mid_tuning_records_nothing_half_done_and_a_rerun_redoes_it(tmp_p
     assert child.finish() == 130, child.stderr[-2000:]
     assert "interrupted" in child.stderr and "run the same command again to resume" in child.stderr
     folder = tmp_path / "t"
-    results = json.loads((folder / "results.json").read_text())
-    assert list(results["categories"]) == ["grass"]  # brick is not recorded as done
-    assert not (folder / "prompts" / "brick.json").exists()
-    assert [row.split(",")[0] for row in (folder / "results.csv").read_text().splitlines()] == \
-        ["category", "grass", "mean"]
+    cells = RunStore(folder).cells()
+    assert list(cells) == ["grass/k2/s0/apt"]  # brick is not recorded as done
+    assert not (folder / "cells" / "brick").exists()
 
     assert main(argv) == 0  # the same command resumes: grass kept, brick tuned from scratch (all 8 steps)
     out = capsys.readouterr().out
-    assert "['grass'] already done" in out and "[brick]" in out and "[grass]" not in out
-    resumed = json.loads((folder / "results.json").read_text())
-    assert resumed["categories"]["grass"] == results["categories"]["grass"]
+    assert "1 cells done, 1 to run" in out and "[brick]" in out and "[grass]" not in out
+    resumed = RunStore(folder).cells()
+    assert resumed["grass/k2/s0/apt"] == cells["grass/k2/s0/apt"]
     assert main(_args(tmp_path, categories=("brick",), name="clean")) == 0  # never interrupted
-    clean = json.loads((tmp_path / "clean" / "results.json").read_text())
-    assert resumed["categories"]["brick"]["metrics"] == clean["categories"]["brick"]["metrics"]
+    clean = RunStore(tmp_path / "clean").cells()
+    assert resumed["brick/k2/s0/apt"]["metrics"] == clean["brick/k2/s0/apt"]["metrics"]
 
 
 # --- defect 2: resume identity and concurrent runs ------------------------------------------------
@@ -135,9 +134,9 @@ def test_resume_with_other_settings_or_files_is_refused(tmp_path, capsys):
     capsys.readouterr()
     other_root = tmp_path / "copy"
     shutil.copytree(data, other_root)
-    for change, expected in ((["--k", "1"], "k: 2 → 1"), (["--seed", "3"], "seed: 0 → 3"),
+    for change, expected in ((["--k", "1"], "shots: [2] → [1]"), (["--seed", "3"], "seeds: [0] → [3]"),
                              (["--steps", "5"], "config.train.steps: 40 → 5"),
-                             (["--method", "apt"], "method: 'human' → 'apt'")):
+                             (["--method", "apt"], "variants.human: ")):
         assert main(base + change) == 1, change
         err = capsys.readouterr().err
         assert expected in err and "--overwrite" in err and "--name" in err and err.count("\n") == 1, err
@@ -148,9 +147,9 @@ def test_resume_with_other_settings_or_files_is_refused(tmp_path, capsys):
     image = data / "brick" / "test" / "good" / "000.png"
     image.write_bytes((data / "brick" / "test" / "good" / "001.png").read_bytes())  # same name, other picture
     assert main(base) == 1
-    assert "the files of ['brick'] changed" in capsys.readouterr().err
+    assert "files.brick: " in capsys.readouterr().err
     assert main(base + ["--overwrite"]) == 0  # starting afresh is one flag away
-    assert _files(folder)["results.json"] != before["results.json"]
+    assert _files(folder)["cells.jsonl"] != before["cells.jsonl"]
 
 
 @pytest.mark.slow
@@ -162,8 +161,8 @@ def test_two_concurrent_runs_in_one_folder_one_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"in use by another apt_lab process (pid {child.proc.pid}" in err
     assert child.finish() == 0, child.stderr[-2000:]
-    results = json.loads((tmp_path / "t" / "results.json").read_text())
-    assert list(results["categories"]) == ["brick"] and results["config"]["train"]["steps"] == 6
+    assert list(RunStore(tmp_path / "t").cells()) == ["brick/k2/s0/apt"]
+    assert RunStore(tmp_path / "t").identity()["config"]["train"]["steps"] == 6
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_refuses(tmp_path, capsys):
@@ -190,15 +189,15 @@ def test_rerun_of_a_finished_run_changes_no_byte(tmp_path, capsys):
     folder = tmp_path / "t"
     before = _files(folder)
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
-    assert {"results.json", "results.csv", "report.html", "prompts/brick.json", "prompts/brick.safetensors",
-            "examples/brick.safetensors"} <= set(before)
-    results = json.loads(before["results.json"])
-    assert results["mean"] and results["timings"]["total_s"] > 0
+    cell = "cells/brick/k2/s0/apt/"
+    assert {"run.json", "cells.jsonl", "table.md", "table.csv", "report.html", "plotly.min.js", cell + "prompts.json",
+            cell + "prompts.safetensors", cell + "examples.safetensors"} == set(before)
+    assert json.loads(before["cells.jsonl"])["timings"]["cell_s"] > 0
     assert main(argv) == 0
-    assert "already done" in capsys.readouterr().out
+    assert "1 cells done, 0 to run" in capsys.readouterr().out
     assert _files(folder) == before  # every byte, report maps included
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps  # not even rewritten
-    assert b"Maps not shown" not in before["report.html"] and before["report.html"].count(b"plotly") > 10
+    assert b'id="figure-0"' in before["report.html"] and b"white outline" in before["report.html"].lower()
 
 
 @pytest.mark.slow
@@ -206,9 +205,6 @@ def test_sigkill_while_the_report_is_written_leaves_the_old_report(tmp_path):
     assert main(_args(tmp_path, "--method", "human")) == 0
     folder = tmp_path / "t"
     old = (folder / "report.html").read_bytes()
-    results = json.loads((folder / "results.json").read_text())
-    results["name"] = "renamed"  # the redrawn page differs, so it must really be written
-    (folder / "results.json").write_text(json.dumps(results))
     script = textwrap.dedent(f"""
         import pathlib, sys, time
         def half(write):
@@ -219,17 +215,17 @@ def test_sigkill_while_the_report_is_written_leaves_the_old_report(tmp_path):
             return slow
         pathlib.Path.write_text = half(pathlib.Path.write_text)
         pathlib.Path.write_bytes = half(pathlib.Path.write_bytes)
-        from apt_lab.report import write_report
-        write_report({str(folder)!r})
+        import apt_lab.report as report
+        report.caption = lambda identity, cells: "renamed"  # the redrawn page differs, so it must be written
+        report.write_report({str(folder)!r})
     """)
     child = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "HALF"
     child.send_signal(signal.SIGKILL)
     child.wait(60)
     assert (folder / "report.html").read_bytes() == old
-    assert main(["report", str(folder)]) == 0  # redrawn from the folder alone
-    page = (folder / "report.html").read_text()
-    assert "renamed" in page and "Maps not shown" not in page
+    assert main(["report", str(folder)]) == 0  # redrawn from the folder alone: the same page
+    assert (folder / "report.html").read_bytes() == old
 
 
 # --- defect 5: names that would leave the run folder ----------------------------------------------

@@ -1,4 +1,5 @@
-"""Sweeps: resumable cells, killed mid-way and resumed, refused when mixed, Ray = local, paper tables by hand."""
+"""Sweeps (and runs, their one-cell case): resumable cells, killed mid-way and resumed, refused when mixed,
+Ray = local in cells and table order."""
 import json
 import os
 import shutil
@@ -13,12 +14,16 @@ import pytest
 from apt_lab.config import APTConfig
 from apt_lab.data.readers import DEMO_ROOT
 from apt_lab.errors import RunMismatchError
-from apt_lab.sweep import (CELLS_FILE, append_cell, format_cell, mean_std, plan, read_cells, repair_cells,
-                           run_sweep, sweep_table, write_tables)
+from apt_lab.store import CELLS_FILE, RUN_FILE, RunStore, write_tables
+from apt_lab.sweep import run_sweep
 
 CATEGORIES = ("brick", "coins")
-ARGS = dict(shots=(1,), seeds=(0, 1), methods=("apt", "human"))
-N_CELLS = len(CATEGORIES) * 1 * 2 * 2
+ARGS = dict(shots=(1,), seeds=(0, 1), methods=("apt", "human"), vary={"train.steps": [2, 3]})
+N_CELLS = len(CATEGORIES) * (1 * 2 * 2 + 1)  # apt: 1 shot count × 2 seeds × 2 steps; human: zero-shot, once each
+
+
+def read_cells(folder) -> dict:
+    return RunStore(folder).cells()
 
 
 def small_config() -> APTConfig:
@@ -55,23 +60,21 @@ def _metrics(cells: dict) -> dict:
     return {key: cell["metrics"] for key, cell in cells.items()}
 
 
-def test_plan_is_category_outermost():
-    keys = [c.key for c in plan(["a", "b"], (1, 2), (0,), ("apt",))]
-    assert keys == ["a/k1/s0/apt", "a/k2/s0/apt", "b/k1/s0/apt", "b/k2/s0/apt"]
-
-
 @pytest.mark.slow
 def test_sweep_records_every_cell_once_with_its_draws(uninterrupted, mvtec_root):
     folder, cells = uninterrupted
     assert len(cells) == N_CELLS
     lines = (folder / CELLS_FILE).read_text().splitlines()
     assert len(lines) == N_CELLS  # one line per cell, nothing duplicated
-    identity = json.loads((folder / "sweep.json").read_text())
-    assert identity["draws"]["brick"]["1"] == cells["brick/k1/s0/apt"]["shot_indices"]
+    identity = json.loads((folder / RUN_FILE).read_text())
+    assert identity["draws"]["brick"]["1"] == cells["brick/k1/s0/apt train.steps=3"]["shot_indices"]
     assert identity["apt_lab"] and identity["config"]["train"]["steps"] == 3
-    # seeds change APT's numbers, never the human baseline's (no training)
-    assert cells["brick/k1/s0/human"]["metrics"] == cells["brick/k1/s1/human"]["metrics"]
-    assert cells["brick/k1/s0/apt"]["metrics"] != cells["brick/k1/s1/apt"]["metrics"]
+    assert identity["vary"] == {"train.steps": [2, 3]}
+    assert identity["variants"]["apt train.steps=2"]["settings"] == {"train.steps": 2}
+    # human prompts are zero-shot: one cell per category, no shots; seeds change APT's numbers
+    assert "brick/k0/s0/human" in cells and cells["brick/k0/s0/human"]["shot_indices"] == []
+    assert cells["brick/k1/s0/apt train.steps=3"]["metrics"] != cells["brick/k1/s1/apt train.steps=3"]["metrics"]
+    assert cells["brick/k1/s0/apt train.steps=2"]["metrics"] != cells["brick/k1/s0/apt train.steps=3"]["metrics"]
 
 
 @pytest.mark.slow
@@ -92,7 +95,7 @@ def test_killed_sweep_resumes_to_the_same_table(uninterrupted, mvtec_root, tmp_p
               f"score__batch_size=8)\n"
               f"run_sweep('mvtec', cfg, root={str(mvtec_root)!r}, categories={list(CATEGORIES)!r}, "
               f"out={str(tmp_path)!r}, name='killed', progress=False, shots=(1,), seeds=(0, 1), "
-              f"methods=('apt', 'human'))\n")
+              f"methods=('apt', 'human'), vary={{'train.steps': [2, 3]}})\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -108,7 +111,7 @@ def test_killed_sweep_resumes_to_the_same_table(uninterrupted, mvtec_root, tmp_p
     partial = read_cells(killed)
     assert 2 <= len(partial) < N_CELLS
     with open(killed / CELLS_FILE, "ab") as handle:  # a kill in the middle of a write leaves a cut-off line
-        handle.write(b'{"key": "coins/k1/s0/ap')
+        handle.write(b'{"key": "coins/k1/s0/apt train.st')
     run_sweep("mvtec", small_config(), root=mvtec_root, categories=CATEGORIES, out=tmp_path, name="killed",
               progress=False, **ARGS)
     resumed = read_cells(killed)
@@ -120,20 +123,20 @@ def test_killed_sweep_resumes_to_the_same_table(uninterrupted, mvtec_root, tmp_p
 @pytest.mark.slow
 def test_a_changed_config_is_refused(uninterrupted, mvtec_root):
     folder, _ = uninterrupted
-    with pytest.raises(RunMismatchError, match=r"differs in: config.*--overwrite"):
+    with pytest.raises(RunMismatchError, match=r"holds another run \(config.train.steps: 3 → 4\).*--overwrite"):
         run_sweep("mvtec", small_config().replace(train__steps=4), root=mvtec_root, categories=CATEGORIES,
                   out=folder.parent, name=folder.name, progress=False, **ARGS)
 
 
 def test_unknown_method_fails_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match="unknown sweep method 'stripes'.*--plugin"):
+    with pytest.raises(ValueError, match="unknown method 'stripes'.*--plugin"):
         run_sweep("demo", small_config(), categories=["brick"], methods=("stripes",), out=tmp_path, progress=False)
     assert not any(tmp_path.iterdir())
 
 
 def test_a_plugin_perturbation_becomes_a_method(tmp_path):
     from apt_lab.perturbations import unregister_perturbation
-    from apt_lab.sweep import load_plugins, method_config
+    from apt_lab.sweep import apply_settings, load_plugins, method_settings
 
     plugin = tmp_path / "stripes.py"
     plugin.write_text("import apt_lab\n\n@apt_lab.register_perturbation('test_stripes')\n"
@@ -141,34 +144,10 @@ def test_a_plugin_perturbation_becomes_a_method(tmp_path):
                       "    return out, region\n")
     try:
         load_plugins([str(plugin)])
-        kind, config = method_config("test_stripes", small_config())
-        assert kind == "apt" and config.perturb.generators == ("test_stripes",)
+        kind, settings = method_settings("test_stripes")
+        assert kind == "apt" and apply_settings(small_config(), settings).perturb.generators == ("test_stripes",)
     finally:
         unregister_perturbation("test_stripes")
-
-
-def test_partial_last_line_is_repaired_and_ignored(tmp_path):
-    append_cell(tmp_path, {"key": "a/k1/s0/apt", "metrics": {"image_auroc": 0.5}})
-    with open(tmp_path / CELLS_FILE, "ab") as handle:
-        handle.write(b'{"key": "a/k1/s1/ap')
-    assert list(read_cells(tmp_path)) == ["a/k1/s0/apt"]
-    assert repair_cells(tmp_path) == len(b'{"key": "a/k1/s1/ap')
-    append_cell(tmp_path, {"key": "a/k1/s1/apt", "metrics": {"image_auroc": 0.7}})
-    assert list(read_cells(tmp_path)) == ["a/k1/s0/apt", "a/k1/s1/apt"]
-
-
-def test_table_means_and_stds_by_hand():
-    values = {("a", 0): 0.80, ("a", 1): 0.90, ("a", 2): 1.00, ("b", 0): 0.60, ("b", 1): 0.70, ("b", 2): 0.50}
-    cells = [{"category": c, "shots": 4, "seed": s, "method": "apt",
-              "metrics": {"image_auroc": v, "aupro": None if c == "b" else 0.5}} for (c, s), v in values.items()]
-    rows = {r["category"]: r for r in sweep_table(cells, ["image_auroc", "aupro"])}
-    # a: mean 0.9, sample std sqrt(((-.1)² + 0 + .1²) / 2) = 0.1; b: mean 0.6, std 0.1
-    assert rows["a"]["image_auroc"] == pytest.approx((0.9, 0.1)) and rows["b"]["image_auroc"] == pytest.approx((0.6, 0.1))
-    # per-seed macro means: 0.70, 0.80, 0.75 → mean 0.75, std sqrt((0.05² + 0.05² + 0) / 2) = 0.05
-    assert rows["mean"]["image_auroc"] == pytest.approx((0.75, 0.05))
-    assert rows["a"]["aupro"] == (0.5, 0.0) and "aupro" not in rows["b"] and "aupro" not in rows["mean"]
-    assert format_cell(rows["mean"]["image_auroc"]) == "75.0 ± 5.0"
-    assert mean_std([0.5]) == (0.5, 0.0)
 
 
 @pytest.mark.slow
@@ -179,22 +158,80 @@ def test_ray_executor_gives_the_local_cells(uninterrupted, mvtec_root, tmp_path)
                            name="ray", executor="ray", workers=2, progress=False, **ARGS)
     assert _metrics(read_cells(ray_folder)) == _metrics(cells)
     assert len((ray_folder / CELLS_FILE).read_text().splitlines()) == N_CELLS
+    # the table follows the plan, not the order Ray's tasks finished in (the old table followed the file)
+    assert write_tables(ray_folder)[2].split("\n", 1)[1] == write_tables(folder)[2].split("\n", 1)[1]
 
 
 @pytest.mark.slow
-def test_cli_sweep_then_table(mvtec_root, tmp_path, capsys):
+def test_cli_sweep_then_table_and_a_run_folder_too(mvtec_root, tmp_path, capsys):
     from apt_lab.cli import main
 
     args = ["sweep", "--dataset", "mvtec", "--root", str(mvtec_root), "--categories", "brick", "--shots", "1",
-            "--seeds", "0", "1", "--methods", "human", "--preset", "quick", "--steps", "2", "--out", str(tmp_path),
-            "--name", "cli", "--no-progress"]
+            "--seeds", "0", "--methods", "human", "apt", "--preset", "quick", "--steps", "2", "--out",
+            str(tmp_path), "--name", "cli", "--no-progress"]
     assert main(args) == 0
     assert main(["table", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     cells = read_cells(tmp_path / "cli")
-    value = cells["brick/k1/s0/human"]["metrics"]["image_auroc"]
-    assert f"| human | 1 | brick | {value * 100:.1f} ± 0.0 |" in out  # human prompts: no seed changes anything
+    value = cells["brick/k0/s0/human"]["metrics"]["image_auroc"]
+    assert f"| human | 0 | brick | 1 | {value * 100:.1f} |" in out  # one seed: no "± 0.0"
     assert "RANDOM weights" in out and "224 px" in out
     page = (tmp_path / "cli" / "report.html").read_text()
-    assert "sweep-table" in page and "sweep-bars" in page and "plotly" in page.lower()
-    assert (tmp_path / "cli" / "table.csv").read_text().splitlines()[0].startswith("method,shots,category,image_auroc")
+    assert "RANDOM weights" in page and "plotly.min.js" in page and "class='mean'" in page
+    assert (tmp_path / "cli" / "table.csv").read_text().splitlines()[0].startswith("method,shots,category,n,")
+    # a run folder is the same format: `apt-lab table` reads it (it raised [Errno 2] ... sweep.json before)
+    run = ["run", "--dataset", "mvtec", "--root", str(mvtec_root), "--categories", "brick", "--preset", "quick",
+           "--steps", "2", "--out", str(tmp_path), "--name", "one", "--no-progress"]
+    assert main(run) == 0
+    assert main(["table", str(tmp_path / "one")]) == 0
+    assert "| apt | 2 | brick | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_vary_gives_one_table_row_per_value_and_a_plot_against_it(uninterrupted):
+    from apt_lab.report import write_report
+
+    folder, _ = uninterrupted
+    markdown = write_tables(folder)[2]
+    rows = [line for line in markdown.splitlines() if "**mean**" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| human", "| apt train.steps=2", "| apt train.steps=3"]
+    page = write_report(folder).read_text()
+    assert "against train.steps" in page
+
+
+def test_vary_values_are_checked_by_the_config_before_anything_runs(tmp_path):
+    from apt_lab.errors import ConfigError
+    from apt_lab.sweep import parse_vary
+
+    for bad in (["smgs.lam=-1"], ["smgs.nope=1"], ["train.steps=two"]):
+        with pytest.raises((ConfigError, ValueError), match=r"smgs\.lam|nope|steps"):
+            run_sweep("demo", small_config(), categories=["brick"], methods=("apt",), vary=parse_vary(bad),
+                      out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        parse_vary(["smgs.lam"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_paper_ablation_expands_to_its_documented_variants(tmp_path):
+    from pathlib import Path
+
+    from apt_lab.sweep import NAMED_VARIANTS, ablation_methods, resolve_variants
+
+    methods = ablation_methods("paper")
+    variants = resolve_variants(methods, small_config())
+    assert {name: v["settings"] for name, v in variants.items()} == {
+        "human": {}, "no-roi-no-smgs": {"perturb.region": "image", "smgs.lam": 0.0},
+        "no-roi": {"perturb.region": "image"}, "no-smgs": {"smgs.lam": 0.0}, "apt": {}}
+    assert variants["human"]["zero_shot"] and not variants["apt"]["zero_shot"]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text()
+    for name, (_, settings) in NAMED_VARIANTS.items():  # the docs give the exact settings of every variant
+        assert f"`{name}`" in docs and all(f"`{key}" in docs for key in settings), name
+
+
+@pytest.mark.slow
+def test_a_variant_with_another_resolution_gets_its_own_features(tmp_path):
+    folder = run_sweep("demo", small_config(), categories=["brick"], shots=(1,), seeds=(0,), methods=("human",),
+                       vary={"backbone.image_size": [224, 160]}, out=tmp_path, progress=False)
+    cells = read_cells(folder)
+    assert {c["method"]: c["eval_resolution"] for c in cells.values()} == {
+        "human backbone.image_size=224": 224, "human backbone.image_size=160": 160}
