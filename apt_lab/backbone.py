@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .config import PRECISIONS as PRECISION_NAMES
 from .data.images import pil_to_tensor, read_image, resize_images
 from .errors import UnknownBackboneError, WeightsUnavailableError
 from .weights import create_model, resolve_weights
@@ -38,7 +39,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # backbone.precision → dtype of the image tower. The text tower stays float32 in every mode: prompt gradients flow
 # through it (no half-precision op on the gradient path, so fp16 needs no loss scaling) and with prompts cut at the
 # end token it costs little next to the image tower.
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.float32, torch.bfloat16, torch.float16)))
 
 
 def pick_precision(precision: str | None, device: torch.device) -> str:

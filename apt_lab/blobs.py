@@ -19,7 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-BLOB_KINDS = ("perlin", "ellipse", "mixed")
+from .config import BLOB_SHAPES as BLOB_KINDS  # the shapes config.perturb.blob allows, listed there
+
 MAX_TRIES = 8  # draws per blob before falling back to a disc of exactly the minimum area
 LATTICE = 8  # Perlin lattice corners per axis drawn for every blob (2–7 cells use up to 8)
 _CHECK_EVERY = 16  # flood steps between two convergence checks (each check is one host synchronisation)

@@ -173,6 +173,7 @@ def load_prompts(path: str | os.PathLike, backbone, with_meta: bool = False):
                                    f"both meta tensors in {tensor_file.name}); re-save the prompts.")
         smgs = section_from_dict(SMGSConfig, info["meta"]["smgs_config"], f"{tensor_file}: smgs_config")
         meta = MetaPrompt(None, smgs, features=tensors["meta.initial"]).to(backbone.device)
+        meta.initial.copy_(tensors["meta.initial"].to(meta.initial))  # bit for bit, not normalised once more
         meta.current.copy_(tensors["meta.current"].to(meta.current))
         best = info["meta"].get("best_loss")
         meta.best_loss = math.inf if best is None else float(best)

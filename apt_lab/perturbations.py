@@ -43,7 +43,6 @@ from .config import APTConfig, PerturbConfig, config_section
 from .roi import region_of_interest
 
 ROI_TRIES = 5  # blob redraws, centred inside the ROI, before the ROI-restricted disc fallback
-_BUILTINS = ("gaussian", "uniform", "salt_pepper", "feature")
 
 
 # -------------------------------------------------------------------------------------------------- registry

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .data.files import inside, write_if_changed
 from .metrics import format_metric
-from .store import PLOTLY_JS, TABLE_METRICS, RunStore, caption, format_cell, table_rows
+from .store import PLOTLY_JS, TABLE_METRICS, caption, format_cell, read_run, table_rows
 
 STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
          "margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
@@ -41,12 +41,7 @@ def write_report(folder: str | Path, repair: bool = False) -> Path:
     """
     from .plots import METRIC_NAMES, metric_legend
 
-    store = RunStore(folder)
-    identity = store.identity()
-    if identity is None:
-        raise FileNotFoundError(f"{folder} holds no apt_lab run (run.json is missing); pass a folder written by "
-                                "`apt-lab run`, `apt-lab demo` or `apt-lab sweep`.")
-    cells = store.cells(identity, repair=repair)
+    store, identity, cells = read_run(folder, repair)
     rows = table_rows(identity, cells.values())
     parts = [_header(store.folder, identity, cells), f"<p>{html.escape(caption(identity, cells))}</p>",
              _table(rows), f"<p class='legend'>{html.escape(metric_legend())}</p>"]

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbone import Backbone, ImageFeatures, check_pixels
-from .config import APTConfig, PerturbConfig, config_section
+from .config import ROI_METHODS, APTConfig, PerturbConfig, config_section
 
-ROI_METHODS = ("text", "attention", "pixels", "mask")
 ROI_PROMPTS = ("a photo of an object.", "a photo of the background.")  # foreground vs background texts
 ROI_MIN_FRACTION = 0.05  # a foreground smaller than this share of the map is degenerate → whole image
 BORDER_WIDTH = 0.05  # the border ring: cells within this fraction of the side from an edge (at least one cell)
@@ -202,13 +201,9 @@ def region_of_interest(backbone: Backbone, images: torch.Tensor, config: APTConf
     size = backbone.image_size
     if cfg.region == "image":
         return torch.ones(images.shape[0], size, size, dtype=torch.bool, device=images.device)
-    if cfg.region != "roi":
-        raise ValueError(f"config.perturb.region must be 'roi' or 'image', got {cfg.region!r}")
     if cfg.roi_method == "mask":
         raise ValueError("config.perturb.roi_method='mask' uses your own region of interest: pass roi=(B, S, S) bool "
-                         "to perturb(...) or tune_prompts(...), or choose roi_method 'pixels', 'text' or 'attention'")
-    if cfg.roi_method not in ROI_METHODS:
-        raise ValueError(f"config.perturb.roi_method={cfg.roi_method!r}; choose one of {ROI_METHODS}")
+                         f"to perturb(...) or tune_prompts(...), or choose another of {ROI_METHODS}")
     if features is not None and features.cls.shape[0] != images.shape[0]:
         raise ValueError(f"features are for {features.cls.shape[0]} images, images has {images.shape[0]}")
     if cfg.roi_method == "pixels":

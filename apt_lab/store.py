@@ -361,14 +361,19 @@ def table_csv(identity: dict, cells: dict, metrics: Sequence[str] = TABLE_METRIC
     return buffer.getvalue()
 
 
-def write_tables(folder: str | Path, repair: bool = False) -> tuple[Path, Path, str]:
-    """Write ``table.md`` and ``table.csv`` of any run folder; returns their paths and the markdown."""
+def read_run(folder: str | Path, repair: bool = False) -> tuple[RunStore, dict, dict]:
+    """(store, identity, checked cells) of any run folder; FileNotFoundError when it holds no run."""
     store = RunStore(folder)
     identity = store.identity()
     if identity is None:
         raise FileNotFoundError(f"{folder} holds no apt_lab run ({RUN_FILE} is missing); pass a folder written by "
                                 "`apt-lab run`, `apt-lab demo` or `apt-lab sweep`.")
-    cells = store.cells(identity, repair=repair)
+    return store, identity, store.cells(identity, repair=repair)
+
+
+def write_tables(folder: str | Path, repair: bool = False) -> tuple[Path, Path, str]:
+    """Write ``table.md`` and ``table.csv`` of any run folder; returns their paths and the markdown."""
+    store, identity, cells = read_run(folder, repair)
     markdown = table_markdown(identity, cells)
     write_if_changed("table.md", markdown, store.folder)
     write_if_changed("table.csv", table_csv(identity, cells), store.folder)

@@ -295,7 +295,8 @@ def _check_name(name: str) -> str:
 
 def _check_root(name: str, root: Path) -> Path:
     if not root.is_dir():
-        hint = (f"download it with apt_lab.data.download({name!r}, '{root}')" if name != "folder"
+        hint = (f"download it with `apt-lab download {name} {root}` (Python: apt_lab.data.download({name!r}, "
+                f"'{root}'))" if name != "folder"
                 else "create <root>/good/ (normal images), <root>/bad/ and optionally <root>/masks/")
         raise FileNotFoundError(f"Dataset root {root} does not exist or is not a folder. "
                                 f"Pass root= the folder that holds the data, or {hint}.")
@@ -341,8 +342,8 @@ def _mvtec_categories(name: str, root: Path) -> list[str]:
         found = sorted(p.name for p in root.iterdir())[:20]
         raise ValueError(f"No {name} categories in {root}: expected <root>/<category>/train/ and "
                          f"test/ folders; found {found or 'nothing'}. Pass the folder that directly "
-                         f"contains the category folders, or download with "
-                         f"apt_lab.data.download({name!r}, root).")
+                         f"contains the category folders, or download with `apt-lab download {name} {root}` "
+                         f"(Python: apt_lab.data.download({name!r}, root)).")
     return cats
 
 
@@ -380,7 +381,7 @@ def _visa_rows(root: Path) -> list[dict[str, str]]:
     csv_path = root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"VisA split file {csv_path} not found. VisA uses the standard "
-                                f"1cls split: run apt_lab.data.download('visa', '{root}'), or put "
+                                f"1cls split: run `apt-lab download visa {root}`, or put "
                                 f"split_csv/1cls.csv from github.com/amazon-science/spot-diff there.")
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
