@@ -124,3 +124,24 @@ def test_bad_arguments_fail_before_the_backbone_loads(monkeypatch, tmp_path, kwa
     with pytest.raises(ValueError, match=argument):
         sev.run_severity("demo", _config(), **call)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_cli_severity_writes_the_csv_with_auroc_and_fpr_per_strength_and_kind(tmp_path, capsys):
+    import csv as csv_module
+
+    from apt_lab.cli import main
+
+    argv = ["severity", "--dataset", "demo", "--categories", "brick", "--preset", "quick", "--steps", "2",
+            "--strengths", "0.1", "0.5", "1.0", "--kinds", "gaussian", "uniform", "--out", str(tmp_path),
+            "--name", "sev"]
+    assert main(argv) == 0
+    rows = list(csv_module.DictReader(open(tmp_path / "sev" / "severity.csv")))
+    synthetic = [(r["kind"], float(r["strength"])) for r in rows if not r["kind"].startswith("test:")]
+    assert synthetic == [(k, s) for k in ("gaussian", "uniform") for s in (0.1, 0.5, 1.0)]
+    assert all(0 <= float(r["image_auroc"]) <= 1 and 0 <= float(r["fpr_at_threshold"]) <= 1 for r in rows)
+    assert (tmp_path / "sev" / "severity.html").is_file() and "severity.csv" in capsys.readouterr().out
+    bad = ["severity", "--dataset", "demo", "--categories", "brick", "--preset", "quick", "--strengths", "-1",
+           "--out", str(tmp_path), "--name", "bad"]
+    assert main(bad) == 1  # refused before the backbone loads, nothing written
+    assert "strength" in capsys.readouterr().err and not (tmp_path / "bad").exists()
