@@ -18,7 +18,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Mapping, Sequence
+import re
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -29,11 +30,54 @@ from .metrics import format_metric
 MAP_COLORSCALE = "Jet"  # the anomaly-map convention in the CLIP-AD literature: blue normal, red anomalous
 MASK_COLOR = "white"  # ground-truth outline
 THRESHOLD_COLOR = "magenta"  # predicted region outline (map >= threshold)
+# The one place where result keys get the names a reader sees (notebook tables, widgets, reports) and what they mean.
 METRIC_NAMES = {
     "image_auroc": "image AUROC", "image_ap": "image AP", "image_f1max": "image F1-max",
     "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_f1max": "pixel F1-max", "aupro": "AUPRO",
+    "encode_s": "encode test images (s)", "tune_s": "tune prompts (s)", "pool_s": "of which: anomaly pool (s)",
+    "score_s": "score (s)", "evaluate_s": "metrics (s)", "total_s": "total (s)",
+}
+METRIC_MEANINGS = {  # what a family of metrics measures, in the order the legend lists them
+    "AUROC": "chance that an anomalous image (pixel) scores above a normal one, 0.5 = guessing",
+    "AP": "average precision of the anomalous class",
+    "F1-max": "best F1 over all thresholds",
+    "AUPRO": "mean overlap with each defect region up to 30 % false-positive rate",
 }
 LOSS_KEYS = ("loss", "image_loss", "focal", "dice", "meta_loss")
+MEAN_FILL = "#e8eaf6"  # background of the rows a table sets apart ("mean" rows)
+SUBPLOT_TITLE_SIZE = 14  # px; plotly's default (16) makes three titles collide on a 700 px docs column
+
+
+def metric_label(key: str) -> str:
+    """The name a reader sees for a result key (``METRIC_NAMES``), else the key itself.
+
+    Example:
+        >>> metric_label("image_auroc"), metric_label("tune_s"), metric_label("run")
+        ('image AUROC', 'tune prompts (s)', 'run')
+    """
+    return METRIC_NAMES.get(key, key)
+
+
+def metric_legend(keys: Sequence[str] | None = None, percent: bool = False) -> str:
+    """One line saying what each metric means: the families (AUROC, AP, F1-max, AUPRO) among ``keys`` (all when
+    None). Put it under every table a person reads; ``METRIC_MEANINGS`` holds the wording.
+
+    Args:
+        percent: the table shows metrics in percent (0–100, 50 = guessing for AUROC) rather than in [0, 1].
+
+    Example:
+        >>> metric_legend(["image_auroc", "pixel_auroc", "tune_s"])
+        'AUROC: chance that an anomalous image (pixel) scores above a normal one, 0.5 = guessing. All metrics in [0, 1], higher is better.'
+        >>> metric_legend(["image_auroc"], percent=True)
+        'AUROC: chance that an anomalous image (pixel) scores above a normal one, 50 = guessing. All metrics in percent, higher is better.'
+    """
+    families = {metric_label(key).split(" ")[-1] for key in (METRIC_NAMES if keys is None else keys)}
+    parts = [f"{family}: {meaning}" for family, meaning in METRIC_MEANINGS.items() if family in families]
+    if not parts:
+        return ""
+    text = "; ".join(parts) + (". All metrics in percent, higher is better." if percent else
+                               ". All metrics in [0, 1], higher is better.")
+    return text.replace("0.5 = guessing", "50 = guessing") if percent else text
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -172,16 +216,20 @@ def anomaly_map_figure(image, anomaly_map, mask=None, zmin: float | None = None,
 
 def anomaly_map_grid(images, maps, masks=None, zmin: float | None = None, zmax: float | None = None,
                      titles: Sequence[str] | None = None, cols: int = 4, opacity: float = 0.5,
-                     per_image_range: bool = False, panel_height: int = 230, max_side: int | None = 112
-                     ) -> go.Figure:
+                     per_image_range: bool = False, panel_height: int = 230, max_side: int | None = 112,
+                     title: str | None = "auto") -> go.Figure:
     """A grid of maps over images with **one shared colour range** (the set's min/max unless given).
 
     Args:
         images: (B, 3, H, W) or a list of (3, H, W).
         maps: (B, H, W) anomaly maps.
         masks: (B, H, W) bool ground truth, or None.
+        titles: one per panel (default ``#0``, ``#1``, ...).
         per_image_range: True normalises each map to its own range instead (misleading; for comparison only).
         max_side: maps are area-averaged to at most this many pixels per side for display (None = full size).
+        title: "auto" states the colour range ("one colour range for all: [0.002, 1.000]"); None draws no figure
+            title (a page that states the range in its own text, as the run report does); any other text is used.
+            The top margin leaves room for the title *and* the panel titles, so neither crowds the other.
     """
     images, maps = list(images), list(maps)
     masks = [None] * len(images) if masks is None else list(masks)
@@ -194,7 +242,8 @@ def anomaly_map_grid(images, maps, masks=None, zmin: float | None = None, zmax: 
     rows = math.ceil(len(images) / cols)
     titles = list(titles) if titles is not None else [f"#{i}" for i in range(len(images))]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.02,
-                        vertical_spacing=0.06 if rows > 1 else 0.0)
+                        vertical_spacing=0.08 if rows > 1 else 0.0)
+    fig.update_annotations(font_size=SUBPLOT_TITLE_SIZE)
     shared = map_range(maps, zmin, zmax)
     for index, (image, anomaly_map, mask) in enumerate(zip(images, maps, masks)):
         low, high = map_range([anomaly_map]) if per_image_range else shared
@@ -202,13 +251,27 @@ def anomaly_map_grid(images, maps, masks=None, zmin: float | None = None, zmax: 
                              showscale=(index == 0 and not per_image_range), max_side=max_side)
         for trace in traces:
             fig.add_trace(trace, row=index // cols + 1, col=index % cols + 1)
-    constant = shared[1] - shared[0] <= 1e-6
-    fig.update_layout(height=panel_height * rows + 60, margin=dict(l=10, r=10, t=40, b=10),
-                      title="per-image colour range (misleading)" if per_image_range else
-                      f"every map is constant: {shared[0]:.3g}" if constant else
-                      f"one colour range for all: [{shared[0]:.3g}, {shared[1]:.3g}]")
+    if title == "auto":
+        constant = shared[1] - shared[0] <= 1e-6
+        title = ("per-image colour range (misleading)" if per_image_range else
+                 f"every map is constant: {format_metric(shared[0], 3)}" if constant else
+                 f"one colour range for all: [{format_metric(shared[0], 3)}, {format_metric(shared[1], 3)}]")
+    top = _top_margin(title, panel_titles=any(titles))
+    fig.update_layout(height=panel_height * rows + top + 10, margin=dict(l=10, r=10, t=top, b=10),
+                      title=_title(title))
     _style_image_axes(fig, rows, cols)
     return fig
+
+
+def _top_margin(title: str | None, panel_titles: bool, panel_lines: int = 1) -> int:
+    """Pixels above the plot area: the figure title's band, then the panel titles' lines (drawn just above the
+    panels), so the two never overlap."""
+    return (34 if title else 0) + (panel_lines * int(SUBPLOT_TITLE_SIZE * 1.4) + 4 if panel_titles else 0) + 6
+
+
+def _title(text: str | None) -> dict:
+    """A figure title pinned to the top edge (not centred in the margin, where panel titles sit)."""
+    return dict(text=text, x=0.5, xanchor="center", y=1.0, yref="container", yanchor="top", pad=dict(t=8))
 
 
 def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = None, height: int = 330) -> go.Figure:
@@ -221,10 +284,11 @@ def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = No
         roi: (H, W) bool region of interest, or None.
     """
     outline = roi is not None and to_numpy(roi).any() and not to_numpy(roi).all()
-    normal = ("normal (yellow: region of interest)" if outline else "normal (region of interest: whole image)"
+    normal = ("normal (yellow:<br>region of interest)" if outline else "normal (region of<br>interest: whole image)"
               if roi is not None else "normal")
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.02,
-                        subplot_titles=(normal, "perturbed", "anomaly mask (red) on perturbed"))
+                        subplot_titles=(normal, "perturbed", "anomaly mask (red)<br>on perturbed"))
+    fig.update_annotations(font_size=SUBPLOT_TITLE_SIZE)
     fig.add_trace(_image_trace(image, "normal"), row=1, col=1)
     if outline:
         fig.add_trace(_outline_trace(roi, "yellow", "region of interest"), row=1, col=1)
@@ -235,7 +299,8 @@ def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = No
     fig.add_trace(_image_trace(overlay.transpose(2, 0, 1) / 255.0, "overlay"), row=1, col=3)
     if red.any():
         fig.add_trace(_outline_trace(red, MASK_COLOR, "mask"), row=1, col=3)
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60 if title else 30, b=10))
+    top = _top_margin(title, panel_titles=True, panel_lines=2)
+    fig.update_layout(title=_title(title), height=height + top - 60, margin=dict(l=10, r=10, t=top, b=10))
     _style_image_axes(fig, 1, 3)
     return fig
 
@@ -250,8 +315,9 @@ def training_curves_figure(history: Sequence[Mapping], log_y: bool = False, heig
     """
     history = list(history)
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
-                        subplot_titles=("losses", "gradient conflicts (SMGS acts)",
-                                        "meta-prompt drift, anchor similarity"))
+                        subplot_titles=("losses", "gradient conflicts<br>(where SMGS acts)",
+                                        "meta-prompt drift,<br>anchor similarity"))
+    fig.update_annotations(font_size=SUBPLOT_TITLE_SIZE)
     steps = [record.get("step", index) for index, record in enumerate(history)]
 
     def series(key):
@@ -268,7 +334,8 @@ def training_curves_figure(history: Sequence[Mapping], log_y: bool = False, heig
     if log_y:
         fig.update_yaxes(type="log", row=1, col=1)
     last = f" — step {steps[-1]}, loss {history[-1].get('loss', float('nan')):.4f}" if history else " — no steps yet"
-    fig.update_layout(title="prompt tuning" + last, height=height, margin=dict(l=40, r=10, t=70, b=40),
+    top = _top_margin("prompt tuning", panel_titles=True, panel_lines=2)
+    fig.update_layout(title=_title("prompt tuning" + last), height=height, margin=dict(l=40, r=10, t=top, b=40),
                       legend=dict(orientation="h", y=-0.2))
     return fig
 
@@ -285,7 +352,7 @@ def metrics_bar_figure(rows: Sequence[Mapping], metric: str = "image_auroc", x: 
     """Grouped bars of one metric: ``x`` on the axis, one bar colour per ``group``; mean ± std over seeds.
 
     Rows are dicts such as ``{"variant": "APT", "category": "brick", "seed": 0, "image_auroc": 0.91}``
-    (what ``apt_lab.pipeline.compare`` returns); a nested ``metrics`` dict works too. With more than one category
+    (a run folder's cells, flattened); a nested ``metrics`` dict works too. With more than one category
     a "mean" (the macro mean over categories) is added: on the axis when ``x`` is "category", as a bar of each
     ``x`` when ``group`` is "category". Nothing is ever averaged across variants.
     """
@@ -316,15 +383,29 @@ def metrics_bar_figure(rows: Sequence[Mapping], metric: str = "image_auroc", x: 
         stds = [float(np.std(values[(k, key_g)])) if "mean" not in (k, key_g) else 0.0 for k in present]
         fig.add_trace(go.Bar(x=present, y=means, name=key_g, error_y=dict(type="data", array=stds, visible=True),
                              hovertemplate="%{x}: %{y:.3f}<extra>" + key_g + "</extra>"))
-    label = METRIC_NAMES.get(metric, metric)
+    label = metric_label(metric)
     fig.update_layout(barmode="group", title=label, yaxis_title=label, height=height,
                       yaxis=dict(range=[0, 1.02]), margin=dict(l=50, r=10, t=50, b=40))
     return fig
 
 
 def metrics_table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None = None, digits: int = 3,
-                         height: int | None = None) -> go.Figure:
-    """A table of result rows; numbers rounded to ``digits``. ``columns`` defaults to every key seen, in order."""
+                         height: int | None = None, legend: bool = True,
+                         set_apart: Callable[[Mapping], bool] | None = None) -> go.Figure:
+    """A table of result rows; numbers rounded to ``digits``, keys shown by their readable names
+    (``METRIC_NAMES``: "image AUROC", "tune prompts (s)").
+
+    Args:
+        columns: keys to show, in order; default every scalar key seen, in order of appearance.
+        legend: a line under the table saying what the metrics shown mean (:func:`metric_legend`).
+        set_apart: which rows to set apart (bold, shaded); default the "mean" rows, i.e. rows with a cell that
+            reads "mean" (the macro mean under per-category rows).
+
+    Example:
+        >>> fig = metrics_table_figure([{"category": "brick", "image_auroc": 0.5}, {"category": "mean", "image_auroc": 0.5}])
+        >>> list(fig.data[0].header.values), list(fig.data[0].cells.values[0])
+        (['category', 'image AUROC'], ['brick', '<b>mean</b>'])
+    """
     flat = []
     for row in rows:
         row = dict(row)
@@ -334,26 +415,67 @@ def metrics_table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None 
         columns = []
         for row in flat:
             columns += [key for key in row if key not in columns and _is_scalar(row[key])]
+    apart = [(set_apart or _is_mean_row)(row) for row in flat]
     cells = []
     for column in columns:
-        cells.append([format_metric(row.get(column), digits) for row in flat])
-    fig = go.Figure(go.Table(header=dict(values=[METRIC_NAMES.get(c, c) for c in columns], align="left"),
-                             cells=dict(values=cells, align="left")))
-    fig.update_layout(height=height or 60 + 28 * (len(flat) + 1), margin=dict(l=5, r=5, t=5, b=5))
+        cells.append([f"<b>{text}</b>" if text and bold else text
+                      for text, bold in zip((format_metric(row.get(column), digits) for row in flat), apart)])
+    fills = [MEAN_FILL if bold else "white" for bold in apart]
+    note = metric_legend(columns) if legend else ""
+    fig = go.Figure(go.Table(header=dict(values=[metric_label(c) for c in columns], align="left",
+                                         fill_color="#f0f0f0"),
+                             cells=dict(values=cells, align="left", fill_color=[fills] * len(columns))))
+    lines = _wrap(note, 90) if note else []
+    bottom = 5 + 16 * len(lines)
+    if lines:
+        fig.add_annotation(text="<br>".join(lines), x=0, xanchor="left", xref="paper", y=0, yanchor="top",
+                           yref="paper", yshift=-4, showarrow=False, align="left", font=dict(size=11, color="#555"))
+    fig.update_layout(height=height or 60 + 28 * (len(flat) + 1) + bottom, margin=dict(l=5, r=5, t=5, b=bottom))
     return fig
+
+
+def _is_mean_row(row: Mapping) -> bool:
+    return any(isinstance(value, str) and value.strip().lower() == "mean" for value in row.values())
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` broken into lines of at most ``width`` characters, at spaces."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + [line] if line else lines
 
 
 def score_histogram_figure(image_scores, labels=None, threshold: float | None = None, bins: int = 20,
                            title: str = "image scores", height: int = 320) -> go.Figure:
-    """Histogram of image scores, split by label (0 normal, 1 anomalous) when labels are given."""
+    """Histogram of image scores, split by label (0 normal, 1 anomalous) when labels are given.
+
+    Every class is counted in the **same bins** (``bins`` equal bins over all the scores), so bar widths and heights
+    compare: binning each class on its own range would draw six normal scores in 0.26–0.29 as 0.002-wide bars.
+
+    Example:
+        >>> fig = score_histogram_figure([0.26, 0.27, 0.29, 0.5, 0.9], [0, 0, 0, 1, 1], bins=4)
+        >>> [(round(t.xbins.start, 2), round(t.xbins.size, 4)) for t in fig.data]
+        [(0.26, 0.16), (0.26, 0.16)]
+    """
     scores = to_numpy(image_scores).astype(np.float64).ravel()
+    low, high = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
+    if high <= low:  # one value (or none): one bin around it
+        low, high = low - 0.5, high + 0.5
+    size = (high - low) / bins * (1 + 1e-9)  # the maximum falls inside the last bin, not on its right edge
+    shared = dict(start=low, end=low + bins * size, size=size)
     fig = go.Figure()
     if labels is None:
-        fig.add_trace(go.Histogram(x=scores, nbinsx=bins, name="all"))
+        fig.add_trace(go.Histogram(x=scores, xbins=shared, name="all"))
     else:
         labels = to_numpy(labels).astype(int).ravel()
         for value, name in ((0, "normal"), (1, "anomalous")):
-            fig.add_trace(go.Histogram(x=scores[labels == value], nbinsx=bins, name=name, opacity=0.7))
+            fig.add_trace(go.Histogram(x=scores[labels == value], xbins=shared, name=name,
+                                       opacity=0.7))
     if threshold is not None:
         fig.add_vline(x=threshold, line=dict(color=THRESHOLD_COLOR, dash="dash"),
                       annotation_text=f"threshold {threshold:.3f}")
@@ -362,10 +484,78 @@ def score_histogram_figure(image_scores, labels=None, threshold: float | None = 
     return fig
 
 
+def title_overlaps(fig: go.Figure, width: int | None = None) -> list[str]:
+    """Titles of ``fig`` that would overlap each other or stick out of the figure at ``width`` pixels — the figure
+    title and every paper-anchored annotation (make_subplots' panel titles). An estimate from the text length
+    (0.58 × font size per character, the width of plotly's default font), good enough to catch titles printed over
+    each other or cut at the edge; ``[]`` when all fit.
+
+    Args:
+        width: the figure's width on the page; default ``layout.width``, else 700 (the docs site's column).
+
+    Example:
+        >>> fig = make_subplots(rows=1, cols=2, subplot_titles=("a rather long first title", "and a second one"))
+        >>> title_overlaps(fig, width=1000)
+        []
+        >>> title_overlaps(fig, width=500)
+        ["title 'a rather long first title' overlaps title 'and a second one' at 500 px"]
+    """
+    layout = fig.layout
+    width = width or layout.width or 700
+    height = layout.height or 450
+    margin = layout.margin
+    left, right = (margin.l if margin.l is not None else 80), (margin.r if margin.r is not None else 80)
+    top, bottom = (margin.t if margin.t is not None else 100), (margin.b if margin.b is not None else 80)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    base = (layout.font.size if layout.font and layout.font.size else None) or 12
+    boxes = []
+
+    def box(text, size, x_px, y_px, xanchor, yanchor):
+        lines = re.split(r"<br\s*/?>", str(text))
+        w = max(len(re.sub(r"<[^>]+>", "", line)) for line in lines) * 0.58 * size
+        h = len(lines) * 1.3 * size
+        x0 = x_px - {"left": 0, "right": w}.get(xanchor, w / 2)
+        y0 = y_px - {"top": 0, "bottom": h}.get(yanchor, h / 2)
+        return (x0, y0, x0 + w, y0 + h)
+
+    title = layout.title
+    if title is not None and title.text:
+        size = (title.font.size if title.font and title.font.size else None) or base * 1.4
+        x = title.x if title.x is not None else 0.5
+        xanchor = title.xanchor if title.xanchor not in (None, "auto") else (
+            "left" if x < 1 / 3 else "right" if x > 2 / 3 else "center")
+        if title.y is None or title.y == "auto":
+            y_px, yanchor = top / 2, "middle"
+        else:
+            pad = title.pad.t if title.pad and title.pad.t else 0
+            y_px, yanchor = (1 - title.y) * height + pad, title.yanchor if title.yanchor != "auto" else "top"
+        boxes.append(("figure title", title.text, box(title.text, size, x * width, y_px, xanchor, yanchor)))
+    for note in layout.annotations or ():
+        if note.xref != "paper" or note.yref != "paper" or not note.text or note.showarrow:
+            continue
+        size = (note.font.size if note.font and note.font.size else None) or base
+        xanchor = note.xanchor if note.xanchor not in (None, "auto") else (
+            "left" if note.x < 1 / 3 else "right" if note.x > 2 / 3 else "center")
+        yanchor = note.yanchor if note.yanchor not in (None, "auto") else (
+            "bottom" if note.y < 1 / 3 else "top" if note.y > 2 / 3 else "middle")
+        y_px = top + (1 - note.y) * plot_h - (note.yshift or 0)
+        boxes.append(("title", note.text, box(note.text, size, left + note.x * plot_w, y_px, xanchor, yanchor)))
+    problems = []
+    for index, (kind, text, (x0, y0, x1, y1)) in enumerate(boxes):
+        if x0 < -1 or x1 > width + 1:
+            problems.append(f"{kind} {text!r} is cut at the {'left' if x0 < -1 else 'right'} edge of a "
+                            f"{width} px figure")
+        for other_kind, other, (u0, v0, u1, v1) in boxes[index + 1:]:
+            if min(x1, u1) - max(x0, u0) > 1 and min(y1, v1) - max(y0, v0) > 1:
+                problems.append(f"{kind} {text!r} overlaps {other_kind} {other!r} at {width} px")
+    return problems
+
+
 def _is_scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, np.integer, np.floating))
 
 
 __all__ = ["image_figure", "anomaly_map_figure", "anomaly_map_grid", "perturbation_figure", "training_curves_figure",
            "metrics_bar_figure", "metrics_table_figure", "score_histogram_figure", "map_range", "image_data_uri",
-           "image_to_uint8", "to_numpy"]
+           "image_to_uint8", "to_numpy", "metric_label", "metric_legend", "title_overlaps", "METRIC_NAMES",
+           "METRIC_MEANINGS"]

@@ -250,7 +250,7 @@ def severity(backbone: Backbone, dataset: Dataset, config: APTConfig, strengths:
         test_masks = test.masks(backbone.image_size)  # (T, S, S) bool, or None without masks
         normal = labels == 0  # (T,)
         for defect in sorted({d for d, label in zip(test.defects, labels.tolist()) if label == 1}):
-            rows = normal | (torch.tensor([d == defect for d in test.defects]) & (labels == 1))  # (T,)
+            rows = normal | (torch.tensor([d == defect for d in test.defects], device=labels.device) & (labels == 1))  # (T,)
             add(f"test:{defect}", None, test_scores[normal], test_scores[rows & ~normal], test_maps[rows],
                 None if test_masks is None else test_masks[rows])
     result.settings = {

@@ -7,6 +7,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 
 from .. import plots
+from ..metrics import METRIC_KEYS
 from ._view import PlotWidget
 
 
@@ -15,12 +16,12 @@ class ResultsExplorer(PlotWidget):
 
     def __init__(self, rows: Sequence[Mapping], backend: str | None = None, metric: str | None = None):
         self.rows = [dict(row) for row in rows]
-        present = [m for m in plots.METRIC_NAMES if any(plots._metric(row, m) is not None for row in self.rows)]
+        present = [m for m in METRIC_KEYS if any(plots._metric(row, m) is not None for row in self.rows)]
         if not present:
-            raise ValueError("results_explorer: no row holds a metric such as 'image_auroc'; pass the rows of "
-                             "apt_lab.pipeline.compare or dicts with metric keys")
+            raise ValueError("results_explorer: no row holds a metric such as 'image_auroc'; pass a run folder's "
+                             "cells as rows ({'variant': c['method'], **c['metrics']}) or dicts with metric keys")
         controls = {
-            "metric": widgets.Dropdown(options=[(plots.METRIC_NAMES[m], m) for m in present],
+            "metric": widgets.Dropdown(options=[(plots.metric_label(m), m) for m in present],
                                        value=metric if metric in present else present[0], description="metric"),
             "x": widgets.ToggleButtons(options=["category", "variant"], value="category", description="axis"),
         }
@@ -30,7 +31,8 @@ class ResultsExplorer(PlotWidget):
     def build_figure(self) -> go.Figure:
         metric, x = self.controls["metric"].value, self.controls["x"].value
         group = "variant" if x == "category" else "category"
-        self.info.value = f"{len(self.rows)} rows; bars: mean ± std over seeds; 'mean' = macro mean over categories"
+        self.info.value = (f"{len(self.rows)} rows; bars: mean ± std over seeds; 'mean' = macro mean over categories. "
+                           + plots.metric_legend([metric]))
         return plots.metrics_bar_figure(self.rows, metric, x=x, group=group)
 
 
