@@ -4,6 +4,7 @@
     APT_LAB_PRESET    preset of full mode (default "fast")
     APT_LAB_DATASET   benchmark the notebooks use in full mode (mvtec, visa, btad, mpdd)
     APT_LAB_DATA      folder holding the benchmarks (``<folder>/mvtec/...``); default ``~/.cache/apt_lab``
+    APT_LAB_SOLUTIONS 1 → notebooks run their exercise solutions (default: only under pytest/nbval)
     HF_HUB_OFFLINE    1 → never try to download weights (a missing weight fails at once)
 
 Example:

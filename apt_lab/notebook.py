@@ -19,10 +19,17 @@ Data:
     demo set. In Colab, :func:`mount_drive` gives a Google Drive folder to pass as ``data_root``, and
     :func:`upload_files` puts your own images into a folder.
 
+Exercises:
+    Each exercise's solution is a hidden cell (source and output collapsed) whose body runs only
+    ``if session.solutions:``, so *Run All* does not print the answers. ``setup(solutions=True)`` runs them with the
+    notebook (or set ``session.solutions = True`` and run one solution cell). Left at None: True when
+    ``APT_LAB_SOLUTIONS=1``, or when pytest runs the notebook (nbval's kernel inherits ``PYTEST_CURRENT_TEST``), so
+    the tests execute every solution; False otherwise.
+
 Example:
-    >>> session = setup(seed=0, mode="quick", verbose=False)
-    >>> session.config.name, session.k, session.dataset("brick").category
-    ('quick', 2, 'brick')
+    >>> session = setup(seed=0, mode="quick", verbose=False, solutions=False)
+    >>> session.config.name, session.k, session.dataset("brick").category, session.solutions
+    ('quick', 2, 'brick', False)
 """
 from __future__ import annotations
 
@@ -56,6 +63,18 @@ def choose_mode(mode: str | None = None) -> str:
     return "full" if torch.cuda.is_available() else "quick"
 
 
+def choose_solutions(solutions: bool | None = None) -> bool:
+    """Whether the exercises' solution cells run: the argument, else ``APT_LAB_SOLUTIONS``, else whether pytest
+    (nbval) runs this kernel — its kernels inherit ``PYTEST_CURRENT_TEST`` — so the tests execute every solution
+    while a reader's *Run All* prints no answers."""
+    if solutions is not None:
+        return bool(solutions)
+    flag = env_flag("APT_LAB_SOLUTIONS")
+    if flag is not None:
+        return flag
+    return env_text("PYTEST_CURRENT_TEST") is not None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and every GPU)."""
     random.seed(seed)
@@ -72,6 +91,8 @@ class Session:
         device: where the backbone runs (CUDA when available, never hard-coded).
         config: the ``APTConfig`` for this mode (quick: the ``quick`` preset, ``apt_lab/presets/quick.json``).
         dataset_name, data_root: what :meth:`dataset` loads (root None = the packaged demo set).
+        solutions: whether the exercises' solution cells run (``if session.solutions:``); see
+            :func:`choose_solutions`. Set it to True to run one solution cell by hand.
     """
 
     mode: str
@@ -81,6 +102,7 @@ class Session:
     preset: str
     dataset_name: str = "demo"
     data_root: Path | None = None
+    solutions: bool = False
     _backbone: object = field(default=None, repr=False)
 
     @property
@@ -122,7 +144,8 @@ class Session:
 
 
 def setup(seed: int = 0, mode: str | None = None, preset: str | None = None, dataset: str | None = None,
-          data_root: str | os.PathLike | None = None, verbose: bool = True, **overrides) -> Session:
+          data_root: str | os.PathLike | None = None, verbose: bool = True, solutions: bool | None = None,
+          **overrides) -> Session:
     """Pick mode, device, preset and data; seed everything; print what was chosen.
 
     Args:
@@ -133,6 +156,8 @@ def setup(seed: int = 0, mode: str | None = None, preset: str | None = None, dat
             Given here, it is used in either mode, and a missing folder is an error (not a quiet fallback).
         data_root: the folder holding the dataset's folder (``<data_root>/mvtec/``) or that folder itself;
             None = ``APT_LAB_DATA`` (default ``~/.cache/apt_lab``).
+        solutions: True runs the exercises' solution cells with the notebook; None = ``APT_LAB_SOLUTIONS``, else
+            only under pytest (:func:`choose_solutions`).
         overrides: ``section__field`` changes applied on top (e.g. ``train__steps=100``).
 
     Raises:
@@ -148,7 +173,7 @@ def setup(seed: int = 0, mode: str | None = None, preset: str | None = None, dat
     config = APTConfig.preset(preset).replace(train__seed=seed, **overrides)
     device = pick_device(config.backbone.device)
     dataset_name, root, note = choose_data(mode, dataset, data_root)
-    session = Session(mode, device, config, seed, preset, dataset_name, root)
+    session = Session(mode, device, config, seed, preset, dataset_name, root, choose_solutions(solutions))
     if verbose:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         weights = config.backbone.pretrained or "random weights"
@@ -156,6 +181,8 @@ def setup(seed: int = 0, mode: str | None = None, preset: str | None = None, dat
         print(f"  preset: {preset} → backbone {config.backbone.name} / {weights}, {config.train.steps} tuning steps, "
               f"k = {config.train.k_shot} shots")
         print(f"  data: {dataset_name} at {root or 'the packaged demo set'}{note}")
+        if session.solutions:
+            print("  exercise solutions: run with the notebook")
     return session
 
 
@@ -249,4 +276,4 @@ def _colab(what: str):
                                  files=importlib.import_module("google.colab.files"))
 
 
-__all__ = ["setup", "Session", "choose_mode", "choose_data", "seed_everything", "mount_drive", "upload_files"]
+__all__ = ["setup", "Session", "choose_mode", "choose_data", "choose_solutions", "seed_everything", "mount_drive", "upload_files"]

@@ -39,14 +39,14 @@ def write_report(folder: str | Path, repair: bool = False) -> Path:
     A rerun draws exactly the same page (figures get fixed ids; an unchanged page is not rewritten), and the page
     goes through a temporary file and an atomic rename: an interrupted write leaves the previous report intact.
     """
-    from .plots import METRIC_NAMES, metric_legend
+    from .plots import metric_label, metric_legend
 
     store, identity, cells = read_run(folder, repair)
     rows = table_rows(identity, cells.values())
     parts = [_header(store.folder, identity, cells), f"<p>{html.escape(caption(identity, cells))}</p>",
-             _table(rows), f"<p class='legend'>{html.escape(metric_legend())}</p>"]
+             _table(rows), f"<p class='legend'>{html.escape(metric_legend(TABLE_METRICS, percent=True))}</p>"]
     figures = [_bars(rows)] if len(rows) > 1 else []
-    figures += [(f"{METRIC_NAMES['image_auroc']} against {key}", "Mean over categories; error bars: std over seeds.",
+    figures += [(f"{metric_label('image_auroc')} against {key}", "Mean over categories; error bars: std over seeds.",
                  setting_figure(identity, rows, key)) for key in numeric_settings(identity)]
     figures += _maps(store.folder, identity, cells)
     for number, (title, note, figure) in enumerate(figures):
@@ -79,9 +79,9 @@ def _header(folder: Path, identity: dict, cells: dict) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    from .plots import METRIC_NAMES
+    from .plots import metric_label
 
-    head = "".join(f"<th>{html.escape(METRIC_NAMES.get(c, c))}</th>"
+    head = "".join(f"<th>{html.escape(metric_label(c))}</th>"
                    for c in ("method", "shots", "category", "n", *TABLE_METRICS))
     body = []
     for row in rows:
@@ -97,7 +97,7 @@ def _bars(rows: list[dict], metric: str = "image_auroc"):
     percent like the table."""
     import plotly.graph_objects as go
 
-    from .plots import METRIC_NAMES
+    from .plots import metric_label
 
     figure = go.Figure()
     for method, shots in dict.fromkeys((r["method"], r["shots"]) for r in rows):
@@ -106,10 +106,9 @@ def _bars(rows: list[dict], metric: str = "image_auroc"):
             x=[r["category"] for r in chosen], y=[r[metric][0] * 100 for r in chosen],
             error_y=dict(type="data", array=[(r[metric][1] or 0) * 100 for r in chosen], visible=True),
             name=f"{method}, {shots} shots" if shots else f"{method}, zero-shot"))
-    label = f"{METRIC_NAMES.get(metric, metric)} (%)"
-    figure.update_layout(barmode="group", yaxis=dict(title=label, range=[0, 102]), height=360,
+    figure.update_layout(barmode="group", yaxis=dict(title=f"{metric_label(metric)} (%)", range=[0, 102]), height=360,
                          margin=dict(l=50, r=10, t=10, b=40), legend=dict(orientation="h", y=-0.15))
-    return f"{METRIC_NAMES.get(metric, metric)} per category", None, figure
+    return f"{metric_label(metric)} per category", None, figure
 
 
 def numeric_settings(identity: dict) -> list[str]:
@@ -123,7 +122,7 @@ def setting_figure(identity: dict, rows: list[dict], key: str, metric: str = "im
     line per method and shot count (and per value of any other varied setting). ``rows``: :func:`table_rows`."""
     import plotly.graph_objects as go
 
-    from .plots import METRIC_NAMES
+    from .plots import metric_label
 
     lines: dict[str, list[tuple[float, tuple]]] = {}
     for row in rows:
@@ -139,8 +138,7 @@ def setting_figure(identity: dict, rows: list[dict], key: str, metric: str = "im
         figure.add_trace(go.Scatter(x=[x for x, _ in points], y=[m * 100 for _, (m, _) in points], name=name,
                                     mode="lines+markers", error_y=dict(type="data", visible=True,
                                                                        array=[(sd or 0) * 100 for _, (_, sd) in points])))
-    label = f"{METRIC_NAMES.get(metric, metric)} (%)"
-    figure.update_layout(xaxis_title=key, yaxis=dict(title=label), height=360, margin=dict(l=50, r=10, t=10, b=40))
+    figure.update_layout(xaxis_title=key, yaxis=dict(title=f"{metric_label(metric)} (%)"), height=360, margin=dict(l=50, r=10, t=10, b=40))
     return figure
 
 
@@ -161,8 +159,7 @@ def _maps(folder: Path, identity: dict, cells: dict) -> list[tuple]:
                                                                            examples["image_scores"])]
         masks = examples.get("masks")
         figure = anomaly_map_grid(examples["images"], examples["anomaly_maps"], None if masks is None else masks > 0,
-                                  zmin=zmin, zmax=zmax, titles=titles, cols=4, max_side=56)
-        figure.update_layout(title=None)
+                                  zmin=zmin, zmax=zmax, titles=titles, cols=4, max_side=56, title=None)
         note = (f"{record['key']}: the highest-scoring anomalous and normal test images (title: defect · image "
                 f"score). One colour range for the whole test set: [{format_metric(zmin, 3)}, "
                 f"{format_metric(zmax, 3)}]. White outline: ground truth.")

@@ -68,8 +68,8 @@ from .tuning import tune_prompts
 COLUMNS = ("category", "kind", "strength", "image_auroc", "pixel_auroc", "fpr_at_threshold", "tpr_at_threshold",
            "threshold", "n_normal", "n_anomalous")
 THRESHOLDS = ("quantile", "f1")
-PLOTTED = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "fpr_at_threshold": "FPR at threshold",
-           "tpr_at_threshold": "detection rate at threshold"}  # what the report plots, and its titles
+PLOTTED = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "fpr_at_threshold": "false-pos. rate",
+           "tpr_at_threshold": "detection rate"}  # what the report plots, and its titles
 
 
 @dataclass
@@ -180,8 +180,8 @@ def severity(backbone: Backbone, dataset: Dataset, config: APTConfig, strengths:
     Args:
         strengths: what the generators take, each ≥ 0 (sorted, repeats dropped); 0 = unchanged images.
         kinds: registered pixel-space perturbations; None = all of them (``list_perturbations("pixel")``).
-        k, seed: shots and seed, overriding ``config.train.k_shot`` / ``config.train.seed``; the seed also draws
-            the held-out split and the perturbations.
+        k: shots, overriding ``config.train.k_shot``.
+        seed: overriding ``config.train.seed``; it also draws the held-out split and the perturbations.
         held_out: at most this many non-shot train images (a seeded draw); None = all.
         threshold: ``"quantile"`` (1 − ``target_fpr`` quantile of calibration normal scores) or ``"f1"``.
         store: features of this category's images (a run's store: nothing is encoded twice).
@@ -320,7 +320,8 @@ def severity_figure(rows: Sequence[dict], plotted: dict[str, str] = PLOTTED):
     strengths = [r["strength"] for r in rows if r["strength"] is not None] or [0.0]
     fig = make_subplots(rows=len(categories), cols=len(plotted), shared_xaxes=True,
                         vertical_spacing=0.3 / len(categories),
-                        subplot_titles=[f"{c} · {title}" for c in categories for title in plotted.values()])
+                        subplot_titles=[f"{c}<br>{title}" for c in categories for title in plotted.values()])
+    fig.update_annotations(font_size=13)  # two short lines per panel title: they fit four panels at 700 px
     for i, category in enumerate(categories):
         for j, metric in enumerate(plotted):
             place = dict(row=i + 1, col=j + 1)

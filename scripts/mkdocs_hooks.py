@@ -8,6 +8,7 @@
    keep the static copy of their first picture (``text/html`` of their display bundle) since a static page has
    no kernel. Cells tagged ``solution`` (the exercises' hidden answers) are neither executed nor shown.
    ``APT_LAB_DOCS_EXECUTE=0 mkdocs build`` skips the execution (pages without outputs; a quick look at text).
+   Copies JupyterLab leaves in ``.ipynb_checkpoints/`` are neither executed nor published (``exclude_docs``).
 2. **Offline math and plots.** MathJax 3 (the ``tex-svg.js`` bundle of the ``django-static-mathjax`` wheel: one
    file, no fonts to fetch) and ``plotly.min.js`` (from the plotly package) are copied into ``site/assets/``
    and loaded in the ``<head>`` of the pages that need them; mkdocs-jupyter's own MathJax 2 tag (a CDN URL) is
@@ -17,6 +18,8 @@
    ``Example (what is checked by hand):``. Griffe's Google parser knows only ``Examples:`` and would render the
    others as plain paragraphs, where ``>>>`` lines become block quotes. The parser is taught both forms; the
    parenthesis stays in the section's title.
+4. **One published address.** ``repo_url`` and ``repo_name`` (the repository link in the header) are read from
+   ``release.json``, the file the notebooks' badges and install cells are stamped from.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ log = logging.getLogger("mkdocs.hooks.apt_lab")
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = ROOT / ".cache" / "docs-notebooks"  # gitignored (.cache/)
 HOOK_VERSION = "2"  # bump to re-execute every notebook after changing how outputs are processed
-KERNEL_ENV = {"APT_LAB_QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
+KERNEL_ENV = {"APT_LAB_QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "APT_LAB_SOLUTIONS": "0",
               "PLOTLY_RENDERER": "plotly_mimetype"}  # figures as JSON only: this hook writes their HTML
+RELEASE_FILE = ROOT / "release.json"  # {"repository": "owner/name", "ref": "v0.2.0", ...}
 SOLUTION_TAG = "solution"
 CELL_TIMEOUT_S = 600
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -71,6 +75,13 @@ class _ExampleTitles:
             return self.original.match(line)
         groups = {"type": found["type"], "title": f"{found['type']} {found['note']}"}
         return type("Match", (), {"groupdict": lambda self: groups})()
+
+
+def on_config(config):
+    """The repository link of every page, from release.json (the one place the published address is written)."""
+    repo = json.loads(RELEASE_FILE.read_text())["repository"]
+    config["repo_url"], config["repo_name"] = f"https://github.com/{repo}", repo
+    return config
 
 
 def on_startup(command, dirty):  # noqa: ARG001 - mkdocs hook signature
@@ -156,7 +167,7 @@ def on_files(files, config):  # noqa: ARG001 - mkdocs hook signature
         return files
     fingerprint = None
     for file in files:
-        if not (file.src_uri.startswith("notebooks/") and file.src_uri.endswith(".ipynb")):
+        if not (file.src_uri.startswith("notebooks/") and file.src_uri.endswith(".ipynb")) or _excluded(file):
             continue
         fingerprint = fingerprint or _fingerprint()
         executed = str(executed_copy(Path(file.abs_src_path).resolve(), fingerprint))
@@ -165,6 +176,14 @@ def on_files(files, config):  # noqa: ARG001 - mkdocs hook signature
         if inner is not None:
             inner.abs_src_path = executed
     return files
+
+
+def _excluded(file) -> bool:
+    """A file mkdocs leaves out (``exclude_docs``: JupyterLab's ``.ipynb_checkpoints/``), or any file in a hidden
+    folder: never executed for a page."""
+    inclusion = getattr(file, "inclusion", None)
+    hidden = any(part.startswith(".") for part in Path(file.src_uri).parts)
+    return hidden or (inclusion is not None and inclusion.is_excluded())
 
 
 # ---------------------------------------------------------------------------------------- 2. math and plots

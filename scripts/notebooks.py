@@ -4,39 +4,70 @@ Usage: python scripts/notebooks.py [--check] [NOTEBOOK ...]     (default: notebo
 
 The notebooks are the source: edit them in JupyterLab (or any editor) and commit them. This script owns only
 what all of them share, written once below — the Colab badge line of the header (cell 0), the install cell
-(cell 1) and the setup cell (cell 3) — and it strips outputs, execution counts and volatile metadata (outputs
-hold megabytes of plotly.js and change on every run; nbval executes the notebooks from clean in ``make test``).
-Everything else in a notebook (its text, its other cells, cell ids, JupyterLab's cell metadata) is left alone.
+(cell 1), the setup cell (cell 3), the links to this repository's files, and the form of the exercises' solution
+cells — and it strips outputs, execution counts and volatile metadata (outputs hold megabytes of plotly.js and
+change on every run; nbval executes the notebooks from clean in ``make test``). Everything else in a notebook (its
+text, its other cells, cell ids, JupyterLab's cell metadata) is left alone.
 
 Without ``--check`` it fixes the notebooks in place; with ``--check`` it changes nothing and exits 1, naming
 each notebook and what differs.
 
-Forks: change REPO below and run this script once; the badges and install cells follow. A release: bump
-apt_lab/_version.py, run this script, commit, and tag the commit ``v<version>`` (badges and installs point at it).
+The published address — GitHub repository and git ref (release tag) — is read from ``release.json`` at the
+repository root, the one place it is written. A release or a course fork edits that file and runs this script;
+README.md ("Publishing a release") has the steps.
+
+Solution cells (tagged ``solution``) start with the SOLUTION_HEADER comment, run their body only
+``if session.solutions:`` (off for a reader's Run All, on under the tests: ``apt_lab.notebook.choose_solutions``),
+and are stored with source and outputs collapsed; the script re-collapses them, and reports a solution cell
+without the guard (it never rewrites someone's code).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import re
 import sys
 from pathlib import Path
 
 import nbformat
 
-REPO = "apt-lab/apt_lab"  # GitHub owner/name the Colab badges and the install cell point at
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
+RELEASE_FILE = ROOT / "release.json"
 VERSION = re.search(r'__version__\s*=\s*"([^"]+)"', (ROOT / "apt_lab" / "_version.py").read_text()).group(1)
-REF = f"v{VERSION}"  # the release tag both the badge (notebook) and the install cell (library) use: they match
+
+
+def read_release(path: Path = RELEASE_FILE) -> tuple[str, str]:
+    """(repository "owner/name", ref) from ``release.json``; a clear error when the file is missing or wrong."""
+    try:
+        data = json.loads(path.read_text())
+        repo, ref = data["repository"], data["ref"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path}: cannot read the published address ({error!r}); it must be a JSON object with "
+                         '"repository" (GitHub owner/name) and "ref" (a tag such as "v0.2.0", or a branch)')
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(repo)) or not re.fullmatch(r"[\w./-]+", str(ref)):
+        raise SystemExit(f"{path}: repository={repo!r} must be GitHub's owner/name and ref={ref!r} a tag or branch")
+    return repo, ref
+
+
+REPO, REF = read_release()  # where the Colab badges, the install cell and the links to the docs point
+SOLUTION_TAG = "solution"
+SOLUTION_HEADER = ("# Solution (click to show). Run All skips it unless solutions=True in the setup cell (the tests "
+                   "run it);\n# to run it now: session.solutions = True, then run this cell.")
+SOLUTION_GUARD = "if session.solutions:"
+SOLUTION_HIDDEN = {"source_hidden": True, "outputs_hidden": True}
 
 BADGE_START = "[![Open In Colab]"
 BADGE = (BADGE_START + "(https://colab.research.google.com/assets/colab-badge.svg)]"
          "(https://colab.research.google.com/github/{repo}/blob/{ref}/notebooks/{name})")
+# A link to a file of this repository at some ref, e.g. https://github.com/apt-lab/apt_lab/blob/v0.2.0/docs/method.md
+REPO_LINK = re.compile(r"https://github\.com/([\w.-]+/[\w.-]+)/(blob|tree)/([\w.-]+)/([\w./-]+)")
 
-# A visible `%pip install` pinned to the release tag. Colab imports some packages (ipywidgets, numpy, ...) when the
+# A visible `%pip install` pinned to the release. Colab imports some packages (ipywidgets, numpy, ...) when the
 # kernel starts; if pip changed one of those, the new version is used only after a restart, and the cell says so.
-INSTALL = f'''# Colab only: install apt_lab {VERSION} (release tag {REF}). Elsewhere nothing happens (in a clone: `make install`).
+INSTALL = f'''# Colab only: install apt_lab from github.com/{REPO} at {REF}, the version these notebooks belong to.
+# Elsewhere nothing happens (in a clone: `make install`).
 import sys
 
 if "google.colab" in sys.modules:
@@ -59,7 +90,8 @@ from apt_lab.notebook import setup
 
 # mode: None = quick on a CPU, full on a GPU (or "quick" / "full"); dataset: "demo" or e.g. "mvtec" with data_root=
 # the folder that holds mvtec/ (in Colab: data_root=apt_lab.notebook.mount_drive("datasets")).
-session = setup(seed=0, mode=None, dataset=None, data_root=None)
+# solutions: True also runs the exercises' hidden solution cells on Run All (None: only when the tests run them).
+session = setup(seed=0, mode=None, dataset=None, data_root=None, solutions=None)
 config = session.config
 backbone = session.backbone()
 backbone'''
@@ -108,6 +140,45 @@ def _stamp_badge(header: nbformat.NotebookNode, name: str) -> str | None:
     return problem
 
 
+def _stamp_links(cell: nbformat.NotebookNode) -> int:
+    """Point every link to a file of this repository (``github.com/<owner>/<name>/blob/<ref>/<path>`` where
+    ``<path>`` exists here) at REPO and REF; returns how many changed. Links to other projects are left alone."""
+    changed = 0
+
+    def fix(found: re.Match) -> str:
+        nonlocal changed
+        repo, kind, ref, path = found.groups()
+        if not (ROOT / path.rstrip("/")).exists() or (repo, ref) == (REPO, REF):
+            return found.group(0)
+        changed += 1
+        return f"https://github.com/{REPO}/{kind}/{REF}/{path}"
+
+    cell.source = REPO_LINK.sub(fix, cell.source)
+    return changed
+
+
+def _tidy_solution(cell: nbformat.NotebookNode, index: int) -> tuple[list[str], list[str]]:
+    """A solution cell: SOLUTION_HEADER, the body under SOLUTION_GUARD, source and outputs collapsed, not skipped by
+    nbval. Collapsing and the tags are fixed; a missing header or guard is reported (the code is someone's)."""
+    fixed, unfixable = [], []
+    code = [line for line in cell.source.splitlines() if line.strip() and not line.startswith("#")]
+    if cell.cell_type != "code" or not cell.source.startswith(SOLUTION_HEADER) or not code \
+            or code[0] != SOLUTION_GUARD:
+        unfixable.append(f"cell {index} is tagged {SOLUTION_TAG!r} but does not start with SOLUTION_HEADER followed "
+                         f"by {SOLUTION_GUARD!r} (scripts/notebooks.py): put its body under that guard, so Run All "
+                         "does not print the answer and the tests still run it")
+        return fixed, unfixable
+    tags = cell.metadata.get("tags", [])
+    if "nbval-skip" in tags:
+        cell.metadata["tags"] = [tag for tag in tags if tag != "nbval-skip"]
+        fixed.append(f"cell {index}: solution tagged nbval-skip (the tests run every solution)")
+    hidden = cell.metadata.get("jupyter", {})
+    if any(hidden.get(key) is not True for key in SOLUTION_HIDDEN):
+        cell.metadata["jupyter"] = {**hidden, **SOLUTION_HIDDEN}
+        fixed.append(f"cell {index}: solution not collapsed (source and outputs are stored hidden)")
+    return fixed, unfixable
+
+
 def tidy(nb: nbformat.NotebookNode, name: str) -> tuple[list[str], list[str]]:
     """Stamp the shared cells and strip ``nb`` in place.
 
@@ -137,6 +208,14 @@ def tidy(nb: nbformat.NotebookNode, name: str) -> tuple[list[str], list[str]]:
             fixed.append(f"{what} (cell {index}) differs from {constant} in scripts/notebooks.py:\n"
                          f"{_diff(cells[index].source, template)}")
             cells[index].source = template
+    links = sum(_stamp_links(cell) for cell in cells if cell.cell_type == "markdown")
+    if links:
+        fixed.append(f"{links} link(s) to this repository's files not at {REPO}@{REF} (release.json)")
+    for index, cell in enumerate(cells):
+        if SOLUTION_TAG in cell.metadata.get("tags", []):
+            done, needs_person = _tidy_solution(cell, index)
+            fixed += done
+            unfixable += needs_person
     for key in VOLATILE_NOTEBOOK_METADATA:
         if nb.metadata.pop(key, None) is not None:
             fixed.append(f"notebook metadata {key!r}")
@@ -172,6 +251,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="report what differs and exit 1; change nothing")
     args = parser.parse_args(argv)
     paths = args.notebooks or sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    if re.fullmatch(r"v\d+(\.\d+)*", REF) and REF != f"v{VERSION}":
+        print(f"release.json: ref {REF} is a release tag but apt_lab/_version.py says {VERSION}; set ref to "
+              f"v{VERSION} (or bump the version) so the notebooks install the library they were written for",
+              file=sys.stderr)
+        return 1
     if not paths:
         print(f"no notebooks found in {NOTEBOOK_DIR}", file=sys.stderr)
         return 1

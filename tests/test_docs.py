@@ -63,10 +63,11 @@ def test_an_edit_saved_by_jupyterlab_keeps_the_check_green(score_notebook, noteb
     header.source = header.source.replace("**What you will learn:**", "**What you will learn today:**")
     nb.cells[at].source = nb.cells[at].source.replace("is cheating", "is cheating (see the lecture notes)")
     nb.cells.insert(at + 1, nbformat.v4.new_markdown_cell("A note an instructor added.", id=uuid.uuid4().hex[:8]))
-    for cell in nb.cells:  # what JupyterLab leaves behind when it saves
+    for cell in nb.cells:  # what JupyterLab leaves behind when it saves (solutions stay collapsed: the convention)
         cell.id = uuid.uuid4().hex[:8]
-        cell.metadata["jupyter"] = {"source_hidden": False, "outputs_hidden": False}
-        cell.metadata["tags"] = ["instructor"]
+        solution = "solution" in cell.metadata.get("tags", [])
+        cell.metadata["jupyter"] = {"source_hidden": solution, "outputs_hidden": solution}
+        cell.metadata["tags"] = [*cell.metadata.get("tags", []), "instructor"]
         cell.metadata["editable"] = True
     nb.metadata["language_info"] = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
                                     "mimetype": "text/x-python", "name": "python", "version": "3.11.9"}
@@ -105,6 +106,24 @@ def _leave_widget_state(nb):
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
 
 
+def _solutions(nb):
+    return [cell for cell in nb.cells if "solution" in cell.metadata.get("tags", [])]
+
+
+def _expand_a_solution(nb):
+    _solutions(nb)[0].metadata["jupyter"] = {"source_hidden": False, "outputs_hidden": False}
+
+
+def _skip_a_solution(nb):
+    _solutions(nb)[1].metadata["tags"].append("nbval-skip")
+
+
+def _point_a_link_elsewhere(nb):
+    header = nb.cells[0]
+    header.source = header.source.replace("apt_lab/blob/v", "apt_lab/blob/old-v").replace(
+        "colab.research.google.com/github/apt-lab/apt_lab/blob/old-v", "colab.research.google.com/github/apt-lab/apt_lab/blob/v")
+
+
 def _leave_cell_metadata(nb):
     nb.cells[6].metadata["collapsed"] = True
     nb.cells[6].metadata["execution"] = {"iopub.execute_input": "2024-01-01T00:00:00.000Z"}
@@ -118,7 +137,11 @@ def _leave_cell_metadata(nb):
     (_leave_an_output, "outputs in cells 4"),
     (_leave_widget_state, "notebook metadata 'widgets'"),
     (_leave_cell_metadata, "cell metadata 'collapsed' in cells 6"),
-], ids=["install", "setup", "badge", "no-badge", "output", "widget-state", "cell-metadata"])
+    (_expand_a_solution, "solution not collapsed"),
+    (_skip_a_solution, "solution tagged nbval-skip"),
+    (_point_a_link_elsewhere, "link(s) to this repository's files not at"),
+], ids=["install", "setup", "badge", "no-badge", "output", "widget-state", "cell-metadata", "solution-expanded",
+        "solution-skipped", "link"])
 def test_the_check_fails_on_a_changed_shared_cell_or_a_left_output(score_notebook, notebooks_script, edit,
                                                                    message):
     nb = nbformat.read(score_notebook, as_version=4)
@@ -134,6 +157,19 @@ def test_the_check_fails_on_a_changed_shared_cell_or_a_left_output(score_noteboo
     assert notebooks_script("--check", score_notebook).returncode == 0
     nb = nbformat.read(score_notebook, as_version=4)
     assert [cell.source for cell in nb.cells] == original and not nb.cells[4].outputs
+    assert all(cell.metadata["jupyter"] == {"source_hidden": True, "outputs_hidden": True}
+               and "nbval-skip" not in cell.metadata["tags"] for cell in _solutions(nb))
+
+
+def test_a_solution_outside_the_guard_is_reported_not_rewritten(score_notebook, notebooks_script):
+    nb = nbformat.read(score_notebook, as_version=4)
+    solution = _solutions(nb)[0]
+    solution.source = solution.source.replace("if session.solutions:\n", "if True:\n")
+    nbformat.write(nb, score_notebook)
+    saved = score_notebook.read_bytes()
+    done = notebooks_script(score_notebook)
+    assert done.returncode == 1 and "if session.solutions:" in done.stderr, done.stderr
+    assert score_notebook.read_bytes() == saved
 
 
 def test_a_missing_shared_cell_is_reported_and_no_cell_overwritten(score_notebook, notebooks_script):
@@ -170,9 +206,11 @@ def test_notebook_teaches_with_paper_exercises_summary_and_next_link(path):
     assert all("*Expected:*" in t for t in exercises)
     solutions = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
     assert len(solutions) == len(exercises)
-    for cell in solutions:
-        assert cell.cell_type == "code" and "nbval-skip" in cell.metadata["tags"]
-        assert cell.metadata.get("jupyter", {}).get("source_hidden") is True, "solutions start collapsed"
+    for cell in solutions:  # Run All prints no answer; the tests (nbval) run every solution
+        assert cell.cell_type == "code" and "nbval-skip" not in cell.metadata["tags"]
+        assert cell.metadata.get("jupyter") == {"source_hidden": True, "outputs_hidden": True}, "stored collapsed"
+        code = [line for line in cell.source.splitlines() if line.strip() and not line.startswith("#")]
+        assert code[0] == "if session.solutions:" and all(line.startswith("    ") for line in code[1:]), cell.source
     learned = next(t for t in text if t.startswith("## What you learned"))
     number = int(path.stem[:2])
     following = EXPECTED[number + 1] if number + 1 < len(EXPECTED) else EXPECTED[0]
@@ -209,10 +247,40 @@ def test_install_cell_pins_the_release_and_says_when_to_restart(monkeypatch, cap
                               ({"ipywidgets": "8.1.5"}, "RESTART NEEDED: pip changed ipywidgets 7.7.1 → 8.1.5.")):
         exec(source, {"get_ipython": lambda: shell})
         assert capsys.readouterr().out.startswith(expected)
-    assert pip_calls[0] == ("pip", f'install "apt-lab @ git+https://github.com/{script.REPO}@v{version}"')
+    assert pip_calls[0] == ("pip", f'install "apt-lab @ git+https://github.com/{script.REPO}@{script.REF}"')
     monkeypatch.delitem(sys.modules, "google.colab")
     exec(source, {"get_ipython": lambda: shell})  # outside Colab: nothing happens
     assert len(pip_calls) == 2 and capsys.readouterr().out == ""
+
+
+def test_every_badge_install_cell_and_link_agrees_with_release_json():
+    """Issue 19: the published address (repository, release tag) is written once, in release.json; every Colab badge,
+    install cell and link to this repository's files in the notebooks, the docs' repository link and the install
+    lines of the docs agree with it."""
+    release = json.loads((ROOT / "release.json").read_text())
+    repo, ref = release["repository"], release["ref"]
+    version = re.search(r'__version__ = "([^"]+)"', (ROOT / "apt_lab" / "_version.py").read_text()).group(1)
+    assert ref == f"v{version}" or not re.fullmatch(r"v\d+(\.\d+)*", ref), "a release tag names this version"
+    addresses = re.compile(r"(colab\.research\.google\.com/github/|git\+https://github\.com/|https://github\.com/)"
+                           r"([\w.-]+/[\w.-]+)(?:/(?:blob|tree)/|@)([\w.-]+)(/[\w./-]*)?")
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        badge = f"(https://colab.research.google.com/github/{repo}/blob/{ref}/notebooks/{path.name})"
+        assert badge in nb.cells[0].source, f"{path.name}: badge"
+        assert f'%pip install "apt-lab @ git+https://github.com/{repo}@{ref}"' in nb.cells[1].source, path.name
+        for cell in nb.cells:
+            for _, found_repo, found_ref, rest in addresses.findall(cell.source):
+                if found_repo.split("/")[1] == repo.split("/")[1] or (rest and (ROOT / rest.strip("/")).exists()):
+                    assert (found_repo, found_ref) == (repo, ref), f"{path.name}: {found_repo}@{found_ref}{rest}"
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for _, found_repo, found_ref, _ in addresses.findall(page.read_text()):
+            if found_repo == repo or found_repo.split("/")[1] == repo.split("/")[1]:
+                assert found_repo == repo and (found_ref == ref or found_ref in ("main", "HEAD")), (page.name, found_ref)
+    hooks = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts" / "mkdocs_hooks.py")
+    module = importlib.util.module_from_spec(hooks)
+    hooks.loader.exec_module(module)
+    assert module.on_config({}) == {"repo_url": f"https://github.com/{repo}", "repo_name": repo}
+    assert not re.search(r"^repo_(url|name):", (ROOT / "mkdocs.yml").read_text(), re.M), "one place: release.json"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -270,13 +338,77 @@ def _pre_blocks(html: str) -> list[str]:
     return [html_lib.unescape(re.sub(r"<[^>]+>", "", block)) for block in re.findall(r"<pre[^>]*>(.*?)</pre>", html, re.S)]
 
 
+def lists_in_paragraphs(html: str) -> list[str]:
+    """List items a page prints as text inside a paragraph (" - …"): markdown needs a blank line before a list."""
+    import html as html_lib
+
+    found = []
+    for body in re.findall(r"<p(?:\s[^>]*)?>(.*?)</p>", html, re.S):
+        text = html_lib.unescape(re.sub(r"<[^>]+>", "", body))
+        text = re.sub(r"\$\$.*?\$\$|\\\[.*?\\\]", "", text, flags=re.S)  # display math: "+ w_1 …" is a formula
+        found += [line.strip()[:80] for line in text.split("\n")[1:] if re.match(r"\s*([-*+]|\d+\.)\s+\S", line)]
+    return found
+
+
+def plotly_figures(html: str) -> list:
+    """Every figure a page draws (the arguments of its ``Plotly.newPlot`` calls) as ``go.Figure``."""
+    import plotly.graph_objects as go
+
+    decoder, figures = json.JSONDecoder(), []
+    for call in re.finditer(r'Plotly\.newPlot\(\s*"[^"]*",\s*', html):
+        data, end = decoder.raw_decode(html, call.end())
+        layout, _ = decoder.raw_decode(html, end + re.match(r"\s*,\s*", html[end:]).end())
+        figures.append(go.Figure(data=data, layout=layout, skip_invalid=True))
+    return figures
+
+
+def test_the_docs_checks_catch_what_issue_19_saw():
+    """The page checks of test_strict_docs_build, on the faults the issue found on the published site."""
+    paragraph = "<p>Textures keep the whole image.\n- <em>Which shape.</em> A random blob\n- <em>What.</em> One</p>"
+    assert lists_in_paragraphs(paragraph) == ["- Which shape. A random blob", "- What. One"]
+    assert lists_in_paragraphs("<p>one line</p><ul>\n<li>a list</li>\n</ul>") == []
+    assert lists_in_paragraphs("<p>$$L = a\n+ w_1 b\n- w_2 c$$</p>") == []
+    from plotly.subplots import make_subplots
+
+    from apt_lab import plots
+
+    old = make_subplots(rows=1, cols=3, subplot_titles=("losses", "gradient conflicts (SMGS acts)",
+                                                        "meta-prompt drift, anchor similarity"))
+    old.update_layout(title="prompt tuning — no steps yet", margin=dict(l=40, r=10, t=70, b=40))
+    page = old.to_html(include_plotlyjs=False, full_html=False)
+    (figure,) = plotly_figures(page)
+    assert plots.title_overlaps(figure, DOCS_WIDTH) and "no steps yet" in figure.layout.title.text
+
+
+DOCS_WIDTH = 700  # px: a figure's width in the docs site's content column
+PLACEHOLDERS = ("no steps yet", "waiting for the first tuning step")  # a widget drawn before anything happened
+
+
 def test_strict_docs_build(tmp_path):
     """The site builds strictly; notebook pages show executed outputs (plots, widgets' first picture); math is
-    typeset offline by the bundled MathJax; docstring examples render as code; nothing loads from a CDN."""
+    typeset offline by the bundled MathJax; docstring examples render as code; nothing loads from a CDN. Lists
+    render as lists; no widget shows its empty placeholder; no figure's titles overlap; the training dashboard of 03
+    shows finished curves; histograms of several classes share bins; JupyterLab's checkpoint copies are ignored."""
     site = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    checkpoints = ROOT / "notebooks" / ".ipynb_checkpoints"  # what JupyterLab leaves: never executed nor published
+    planted = checkpoints / "03_smgs-checkpoint.ipynb"
+    made_folder = not checkpoints.exists()
+    if not planted.exists():
+        broken = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise RuntimeError('a checkpoint ran')")])
+        checkpoints.mkdir(exist_ok=True)
+        nbformat.write(broken, planted)
+    else:
+        planted = None  # someone's real checkpoint: leave it alone
+    try:
+        done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    finally:
+        if planted is not None:
+            planted.unlink()
+            if made_folder:
+                checkpoints.rmdir()
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(site.rglob("*checkpoint*")), "a .ipynb_checkpoints copy was published"
     for page in ("index.html", "installation/index.html", "method/index.html", "widgets/index.html",
                  "data/index.html", "api/index.html", "api/backbone/index.html", "api/widgets/index.html",
                  "notebooks/00_tour/index.html", "notebooks/07_your_data/index.html"):
@@ -313,6 +445,24 @@ def test_strict_docs_build(tmp_path):
         assert "# Solution (click to show)" not in html, f"{notebook}: an exercise's solution is on the page"
     for notebook in ("01_perturb", "03_smgs", "04_score"):  # widgets show their first picture on a static page
         assert 'class="apt-lab-static"' in pages[f"notebooks/{notebook}/index.html"], notebook
+
+    from apt_lab import plots
+
+    for name, html in pages.items():
+        assert not lists_in_paragraphs(html), f"{name}: a markdown list rendered inside a paragraph"
+        if name.startswith("notebooks/"):
+            for placeholder in PLACEHOLDERS:
+                assert placeholder not in html, f"{name}: a widget shows its empty placeholder {placeholder!r}"
+            for figure in plotly_figures(html):
+                assert not plots.title_overlaps(figure, DOCS_WIDTH), (name, plots.title_overlaps(figure, DOCS_WIDTH))
+    dashboards = [f for f in plotly_figures(pages["notebooks/03_smgs/index.html"])
+                  if (f.layout.title.text or "").startswith("prompt tuning")]
+    assert dashboards and all(len(f.data) >= 3 and len(f.data[0].x) > 1 for f in dashboards), "03: dashboard empty"
+    histograms = [f for f in plotly_figures(pages["notebooks/04_score/index.html"])
+                  if f.data and all(t.type == "histogram" for t in f.data) and len(f.data) > 1]
+    assert histograms, "04: no score histogram"
+    for figure in histograms:
+        assert len({(t.xbins.start, t.xbins.size) for t in figure.data}) == 1, "04: classes binned differently"
 
     losses = _pre_blocks(pages["api/losses/index.html"])  # "Example (…):" sections render as code
     assert any(">>> round(float(focal_loss(torch.zeros(1, 1, 2, 2)" in block for block in losses)

@@ -5,7 +5,6 @@ own row."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import warnings
 

@@ -132,3 +132,22 @@ def test_colab_helpers_refuse_outside_colab_and_use_drive_and_files_inside(monke
     assert (tmp_path / "mine" / "photo.png").read_bytes() == b"\x89PNG"
     assert (tmp_path / "mine" / "bad" / "b.png").is_file() and (tmp_path / "mine" / "good" / "a.png").is_file()
     assert not (tmp_path / "escape.jpg").exists() and not (tmp_path / "mine" / "parts.zip").exists()
+
+
+def test_solutions_run_only_when_asked_or_under_the_tests(monkeypatch, capsys):
+    """Issue 19: Run All printed every exercise's answer. Solution cells run ``if session.solutions:``: off for a
+    reader, on under pytest/nbval (its kernels inherit PYTEST_CURRENT_TEST) or with APT_LAB_SOLUTIONS=1."""
+    from apt_lab.notebook import choose_solutions
+
+    monkeypatch.delenv("APT_LAB_SOLUTIONS", raising=False)
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    assert choose_solutions() is False and choose_solutions(True) is True  # a reader's kernel
+    assert setup(mode="quick", verbose=False).solutions is False
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "notebooks/03_smgs.ipynb::Cell 3 (call)")
+    assert choose_solutions() is True and choose_solutions(False) is False  # nbval's kernel; the argument wins
+    monkeypatch.setenv("APT_LAB_SOLUTIONS", "0")
+    assert choose_solutions() is False
+    monkeypatch.setenv("APT_LAB_SOLUTIONS", "1")
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    session = setup(mode="quick", seed=1)
+    assert session.solutions and "exercise solutions: run with the notebook" in capsys.readouterr().out

@@ -114,7 +114,7 @@ def test_a_constant_map_gets_no_colour_bar_spanning_one_to_one_point_000001():
     images, full = torch.rand(2, 3, 8, 8), torch.ones(2, 8, 8)
     fig = plots.anomaly_map_grid(images, full, full.bool())
     heats = [t for t in fig.data if t.type == "heatmap"]
-    assert not any(h.showscale for h in heats) and fig.layout.title.text == "every map is constant: 1"
+    assert not any(h.showscale for h in heats) and fig.layout.title.text == "every map is constant: 1.000"
     single = plots.anomaly_map_figure(images[0], full[0])
     assert not single.data[1].showscale
     varying = plots.anomaly_map_grid(images, torch.rand(2, 8, 8), None)
@@ -125,7 +125,8 @@ def test_perturbation_figure_names_the_yellow_outline_only_when_it_is_drawn():
     image, mask = torch.full((3, 6, 6), 0.5), torch.zeros(6, 6, dtype=torch.bool)
     whole = plots.perturbation_figure(image, image, mask, roi=torch.ones(6, 6, dtype=torch.bool))
     titles = [a.text for a in whole.layout.annotations]
-    assert titles[0] == "normal (region of interest: whole image)" and "region of interest" not in [t.name for t in whole.data]
+    assert titles[0] == "normal (region of<br>interest: whole image)" and "region of interest" not in [
+        t.name for t in whole.data]
     assert plots.perturbation_figure(image, image, mask).layout.annotations[0].text == "normal"
 
 
@@ -140,3 +141,91 @@ def test_metrics_bar_never_averages_across_variants():
     by_category = plots.metrics_bar_figure(rows, "image_auroc")
     assert [list(t.x) for t in by_category.data] == [["brick", "grass", "mean"]] * 2
     assert by_category.data[1].y[2] == pytest.approx(0.75)
+
+
+def test_histogram_classes_share_bins():
+    """Issue 19: six normal scores in 0.26–0.29 were binned on their own range (0.002-wide bars) under the
+    anomalous ones; every class must be counted in the same bins."""
+    normal = [0.26, 0.265, 0.27, 0.28, 0.285, 0.29]
+    anomalous = [0.3, 0.5, 0.7, 0.9]
+    fig = plots.score_histogram_figure(torch.tensor(normal + anomalous), torch.tensor([0] * 6 + [1] * 4), bins=8)
+    bins = [(t.xbins.start, t.xbins.end, t.xbins.size) for t in fig.data]
+    assert bins[0] == bins[1] and bins[0][0] == pytest.approx(0.26) and bins[0][2] == pytest.approx(0.64 / 8)
+    assert bins[0][1] > float(torch.tensor(0.9))  # the maximum (as float32) falls inside the last bin
+    counts = np.histogram(normal, bins=np.arange(8 + 1) * bins[0][2] + bins[0][0])[0]
+    assert counts[0] == 6  # the six normal scores in one bin as wide as the anomalous ones'
+    single = plots.score_histogram_figure(torch.tensor([0.5, 0.5]))
+    assert single.data[0].xbins.size > 0
+
+
+@pytest.mark.parametrize("width", [700, 1000, 1400])
+def test_training_curve_titles_neither_overlap_nor_cut(width):
+    """Issue 19: at the docs column (700 px) two panel titles were printed over each other; in JupyterLab the third
+    was cut ("meta-prompt drift, anchor simila")."""
+    history = [{"step": i, "loss": 1.0, "conflict_rate": 0.5, "meta_drift": 0.1, "anchor_similarity": 0.9}
+               for i in range(3)]
+    assert plots.title_overlaps(plots.training_curves_figure(history), width) == []
+    assert plots.title_overlaps(plots.training_curves_figure([]), width) == []
+
+
+def test_title_overlaps_finds_what_the_old_figures_did_wrong():
+    from plotly.subplots import make_subplots
+
+    old = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+        "losses", "gradient conflicts (SMGS acts)", "meta-prompt drift, anchor similarity"))
+    old.update_layout(title="prompt tuning — step 39, loss 0.1234", height=380, margin=dict(l=40, r=10, t=70, b=40))
+    problems = plots.title_overlaps(old, 700)
+    assert any("overlaps" in p for p in problems) and any("cut at the right edge" in p for p in problems)
+    assert any("cut at the right edge" in p for p in plots.title_overlaps(old, 1000))
+
+
+def test_grid_title_leaves_room_for_the_panel_titles_or_goes():
+    images, maps = torch.rand(4, 3, 16, 16), torch.full((4, 16, 16), 0.5)
+    maps[0, 0, 0], maps[1, 0, 0] = 0.00183, 1.0
+    titles = ["good · score 0.123", "good · score 0.456", "hole · score 0.789", "crack · score 0.912"]
+    fig = plots.anomaly_map_grid(images, maps, titles=titles)
+    assert fig.layout.title.text == "one colour range for all: [0.002, 1.000]"  # the precision of every other range
+    assert plots.title_overlaps(fig, 700) == [] and plots.title_overlaps(fig, 1200) == []
+    bare = plots.anomaly_map_grid(images, maps, titles=titles, title=None)  # the run report states the range itself
+    assert bare.layout.title.text is None and bare.layout.margin.t < fig.layout.margin.t
+    assert plots.title_overlaps(bare, 700) == []
+
+
+def test_metric_names_and_legend_live_in_one_place():
+    assert plots.metric_label("image_auroc") == "image AUROC" and plots.metric_label("anything") == "anything"
+    for key in ("encode_s", "tune_s", "pool_s", "score_s", "evaluate_s"):  # notebook 07's table showed these raw
+        assert "_" not in plots.metric_label(key) and "(s)" in plots.metric_label(key)
+    legend = plots.metric_legend()
+    assert all(family in legend for family in ("AUROC", "AP", "F1-max", "AUPRO")) and "\n" not in legend
+    assert plots.metric_legend(["image_auroc"]).startswith("AUROC: ") and "AUPRO" not in plots.metric_legend(
+        ["image_auroc"])
+    assert plots.metric_legend(["tune_s"]) == ""
+
+
+def test_metrics_table_readable_names_legend_and_mean_rows_set_apart():
+    rows = [{"category": "brick", "image_auroc": 0.8, "tune_s": 1.5}, {"category": "grass", "image_auroc": 0.6,
+                                                                        "tune_s": 1.0},
+            {"category": "mean", "image_auroc": 0.7, "tune_s": 1.25}]
+    fig = plots.metrics_table_figure(rows)
+    table = fig.data[0]
+    assert list(table.header.values) == ["category", "image AUROC", "tune prompts (s)"]
+    assert list(table.cells.values[1]) == ["0.800", "0.600", "<b>0.700</b>"]  # the mean row in bold
+    fills = table.cells.fill.color[0]
+    assert fills[2] != fills[0] == fills[1]  # and shaded
+    assert "AUROC: chance" in fig.layout.annotations[0].text  # the legend under the table
+    plain = plots.metrics_table_figure(rows, legend=False, set_apart=lambda row: False)
+    assert not plain.layout.annotations and "<b>" not in "".join(plain.data[0].cells.values[1])
+
+
+@pytest.mark.parametrize("width", [700, 1000])
+def test_perturbation_figure_and_table_legend_fit_the_docs_column(width):
+    """Issue 19 (found by the docs check): 01's perturbation figure printed its title over its panel titles and cut
+    the outer ones at 700 px; the table legend ran past the right edge."""
+    image, mask = torch.full((3, 6, 6), 0.5), torch.zeros(6, 6, dtype=torch.bool)
+    roi = torch.zeros(6, 6, dtype=torch.bool)
+    roi[1:5, 1:5] = True
+    for region in (roi, torch.ones(6, 6, dtype=torch.bool), None):
+        fig = plots.perturbation_figure(image, image, mask, roi=region, title="salt_pepper · strength 0.40 · seed 0")
+        assert plots.title_overlaps(fig, width) == []
+    table = plots.metrics_table_figure([{"method": "APT", **{key: 0.5 for key in plots.METRIC_NAMES}}])
+    assert plots.title_overlaps(table, width) == []

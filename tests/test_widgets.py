@@ -148,6 +148,20 @@ def test_map_viewer_controls(scored_set, backend):
     assert contour.contours.start == pytest.approx(0.0)
 
 
+def test_map_viewer_labels_fit_their_dropdown_and_colours_sit_beside_their_buttons(scored_set):
+    """Issue 19: the image dropdown cut "#6 hole · anomalous · score 0.3…" (a fixed-width select), and "colours" sat
+    on its own line above its buttons (ipywidgets 8 stacks a ToggleButtons' label). The browser test measures both
+    in JupyterLab; here: the select is sized by its longest label and the toggle lays out in one row."""
+    images, maps, masks = scored_set
+    viewer = widgets.map_viewer(images, maps, masks, image_scores=torch.tensor([0.1, 0.9, 0.3]),
+                                labels=torch.tensor([0, 1, 0]), titles=["a hole", "a long defect name", "good"])
+    longest = max(len(label) for label, _ in viewer.controls["image"].options)
+    assert f"{longest}" in viewer.controls["image"].layout.width or f"{longest + 3}ch" in viewer.controls[
+        "image"].layout.width
+    toggle = viewer.controls["colour_range"]
+    assert toggle.layout.display == "flex" and toggle.layout.flex_flow == "row nowrap"
+
+
 def test_map_viewer_rejects_mismatched_inputs(scored_set):
     images, maps, masks = scored_set
     with pytest.raises(ValueError, match="one map"):
@@ -229,11 +243,44 @@ def test_display_bundle_holds_the_live_widget_and_a_static_copy(scored_set, monk
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == viewer.model_id
     static = bundle["text/html"]
     assert viewer.info.value in static and "Plotly.newPlot" in static and "<script src=" not in static
-    if ipywidgets.__version__.startswith("7."):  # ipywidgets 7 displays through _ipython_display_
-        shown = []
-        monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
-        viewer._ipython_display_()
-        assert shown and shown[0][1] and set(shown[0][0]) == set(bundle)
+    shown = []  # both ipywidgets 7 and 8 display through _ipython_display_, under a display id
+    monkeypatch.setattr("IPython.display.display",
+                        lambda obj, raw=False, display_id=None: shown.append((obj, raw, display_id)))
+    viewer._ipython_display_()
+    assert shown and shown[0][1] and set(shown[0][0]) == set(bundle) and shown[0][2] == f"apt-lab-{viewer.model_id}"
+
+
+def test_training_dashboard_leaves_the_finished_curves_as_its_static_copy(monkeypatch):
+    """Issue 19: the executed docs page of notebook 03 showed the dashboard as displayed before training —
+    "waiting for the first tuning step…", "no steps yet", one empty axis. On the last step the dashboard replaces
+    its output's static copy (update_display under its display id) with the finished curves."""
+    from apt_lab.widgets import _view
+
+    shown, updated = [], []
+    monkeypatch.setattr(_view, "_kernel_running", lambda: True)
+    monkeypatch.setattr("IPython.display.display",  # the output backend draws through display() too: no id
+                        lambda obj, raw=False, display_id=None: display_id and shown.append((obj, display_id)))
+    monkeypatch.setattr("IPython.display.update_display",
+                        lambda obj, raw=False, display_id=None: updated.append((obj, display_id)))
+    dashboard, callback = widgets.training_dashboard(backend="output", total_steps=5, min_interval=3600)
+    dashboard._ipython_display_()
+    (first, display_id), = shown
+    assert "waiting for the first tuning step" in first["text/html"] and "no steps yet" in first["text/html"]
+    for step in range(4):
+        callback({"step": step, "loss": 1.0 / (step + 1), "conflict_rate": 0.5, "meta_drift": 0.01 * step})
+    assert updated == []  # nothing replaced while training
+    callback({"step": 4, "loss": 0.2, "conflict_rate": 0.5, "meta_drift": 0.04})
+    (final, final_id), = updated
+    assert final_id == display_id and "widget-view+json" in "".join(final)  # the live widget stays live
+    static = final["text/html"]
+    assert "step 4" in static and "no steps yet" not in static and "waiting for" not in static
+    assert "Plotly.newPlot" in static and '"x":[0,1,2,3,4]' in static.replace(" ", "")
+    without_total, feed = widgets.training_dashboard(backend="output")  # total unknown: finish() after the loop
+    without_total._ipython_display_()
+    feed({"step": 0, "loss": 1.0})
+    assert len(updated) == 1
+    without_total.finish()
+    assert len(updated) == 2 and "step 0" in updated[1][0]["text/html"]
 
 
 def test_widgets_run_on_the_ipywidgets_version_under_test():

@@ -129,6 +129,7 @@ class PlotWidget(widgets.VBox):
         items = list(self.controls.values())
         rows = [widgets.HBox(items[i:i + columns]) for i in range(0, len(items), columns)]
         super().__init__(rows + [self.info, self.view.widget])
+        self._display_id: str | None = None  # set on the first display (see _ipython_display_)
         self.add_class("apt-lab-widget")
         for control in items:
             control.observe(self._on_change, names="value")
@@ -162,12 +163,28 @@ class PlotWidget(widgets.VBox):
             bundle["text/html"] = self.static_html()
         return bundle
 
-    if IPYWIDGETS_7:  # ipywidgets 7 displays through _ipython_display_, which IPython calls before any repr
-        def _ipython_display_(self, **kwargs):
-            from IPython.display import display
+    def _ipython_display_(self, **kwargs):
+        """Display under a display id (IPython calls this before any repr), so :meth:`refresh_static` can later
+        replace the static copy of this output with the current picture."""
+        from IPython.display import display
 
-            display(self._repr_mimebundle_(), raw=True)
+        if self._display_id is None:
+            self._display_id = f"apt-lab-{self.model_id}"
+        display(self._repr_mimebundle_(), raw=True, display_id=self._display_id)
+        if IPYWIDGETS_7:
             self._handle_displayed(**kwargs)
+
+    def refresh_static(self) -> bool:
+        """Replace the static copy (``text/html``) of every place this widget was displayed with the current
+        picture, through IPython's ``update_display``; True when it was displayed. What a page without a kernel
+        shows (the docs site, nbviewer, a saved notebook) is otherwise the picture at display time — for a live
+        training dashboard an empty one. Frontends with a widget manager redraw the same live widget."""
+        if self._display_id is None or not _kernel_running():
+            return False
+        from IPython.display import update_display
+
+        update_display(self._repr_mimebundle_(), raw=True, display_id=self._display_id)
+        return True
 
     def _on_change(self, change) -> None:
         self.render()

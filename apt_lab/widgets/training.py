@@ -33,11 +33,22 @@ class TrainingDashboard(PlotWidget):
         self.render()
 
     def callback(self, record: dict) -> None:
-        """Append one tuning record (``step``, ``loss``, ``conflict_rate``, ``anchor_similarity``, ...); maybe redraw."""
+        """Append one tuning record (``step``, ``loss``, ``conflict_rate``, ``anchor_similarity``, ...); maybe redraw.
+        The last step (``total_steps - 1``) calls :meth:`finish`."""
         self.history.append(dict(record))
-        last = self.total_steps is not None and record.get("step", -1) >= self.total_steps - 1
-        if last or time.monotonic() - self._last_draw >= self.min_interval:
+        if self.total_steps is not None and record.get("step", -1) >= self.total_steps - 1:
+            self.finish()
+        elif time.monotonic() - self._last_draw >= self.min_interval:
             self.render()
+
+    def finish(self) -> go.Figure:
+        """Draw the finished curves from :attr:`history` and make them the output's static copy too, so an executed
+        notebook saved or rendered without a kernel (the docs page) shows the training, not the empty dashboard
+        it was displayed as. Called on the last step when ``total_steps`` is known; call it after the loop
+        otherwise."""
+        figure = self.render()
+        self.refresh_static()
+        return figure
 
     def reset(self) -> None:
         """Forget the history (before a second run into the same dashboard)."""
@@ -86,8 +97,9 @@ def training_dashboard(backend: str | None = None, total_steps: int | None = Non
     """A live training dashboard and the callback that feeds it.
 
     Pass the callback to ``tune_prompts(..., callbacks=[callback])``; each call appends one record and redraws
-    (throttled to ``min_interval`` seconds; always on step ``total_steps - 1``). Call ``dashboard.render()``
-    after training to draw the final state when ``total_steps`` is not given.
+    (throttled to ``min_interval`` seconds); on step ``total_steps - 1`` it draws the finished curves and makes them
+    the output's static copy (:meth:`TrainingDashboard.finish`). Without ``total_steps``, call ``dashboard.finish()``
+    after training.
 
     Returns:
         (dashboard, callback): the displayable widget (``.controls``, ``.figure``, ``.history``) and its

@@ -36,12 +36,17 @@ class MapViewer(PlotWidget):
         start = float(np.clip(threshold if threshold is not None else np.quantile(self.maps, 0.99), low, high))
         self.titles = list(titles) if titles is not None else None
         options = [(self._label(i), i) for i in range(count)]
+        longest = max(len(label) for label, _ in options)  # the select is as wide as its longest label: none is cut
         controls = {
-            "image": widgets.Dropdown(options=options, value=0, description="image"),
+            "image": widgets.Dropdown(options=options, value=0, description="image",
+                                      layout=widgets.Layout(width=f"calc({longest + 3}ch + 90px)", max_width="100%")),
             "threshold": widgets.FloatSlider(value=start, min=low, max=high, step=step, readout_format=".3f",
                                              description="threshold", continuous_update=False),
             "colour_range": widgets.ToggleButtons(options=["global", "per image"], value="global",
-                                                  description="colours"),
+                                                  description="colours", style={"button_width": "90px", "description_width": "80px"},
+                                                  # the label on the line of its buttons (ipywidgets 8 stacks them)
+                                                  layout=widgets.Layout(display="flex", flex_flow="row nowrap",
+                                                                        align_items="center")),
             "opacity": widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity",
                                            continuous_update=False),
         }
