@@ -87,7 +87,7 @@ def test_the_ray_instance_dies_with_its_driver(ending):
             _wait_for(lines, "LEFT", driver, GONE_S)  # the driver lives on; its instance must not
         else:
             driver.send_signal(ending)
-            driver.wait(timeout=GONE_S)
+            driver.wait(timeout=START_S)  # ray.shutdown() on the way out takes seconds idle, a minute or more busy
         deadline = time.monotonic() + GONE_S
         while _alive(instance) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -408,7 +408,8 @@ def test_strict_docs_build(tmp_path):
             if made_folder:
                 checkpoints.rmdir()
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not list(site.rglob("*checkpoint*")), "a .ipynb_checkpoints copy was published"
+    assert not list(site.rglob("*ipynb_checkpoints*")) + list(site.rglob("*-checkpoint*")), \
+        "a .ipynb_checkpoints copy was published"
     for page in ("index.html", "installation/index.html", "method/index.html", "widgets/index.html",
                  "data/index.html", "api/index.html", "api/backbone/index.html", "api/widgets/index.html",
                  "notebooks/00_tour/index.html", "notebooks/07_your_data/index.html"):
