@@ -23,7 +23,8 @@ START_S = 240  # a local Ray instance takes seconds to start on an idle machine,
 GONE_S = 3 * STOP_WAIT_S + 30  # the watchdog's SIGTERM, its SIGKILL after STOP_WAIT_S, and slack
 
 DRIVER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises, even if started from a background job
 from apt_lab.cluster import ray_session
 
 with ray_session(workers=1) as ray:

@@ -30,7 +30,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "PYTHONPATH":
 
 # A child running `apt-lab <argv>` whose tuning steps each print "STEP <n>" and then sleep.
 SLOW_CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job's children inherit an ignored SIGINT
     import apt_lab.pipeline as pipeline
     tune = pipeline.tune_prompts
     def announce(record):
