@@ -377,10 +377,6 @@ class APTConfig:
                 data[section][name] = value
         return APTConfig.from_dict(data)
 
-    def validate(self) -> "APTConfig":
-        """This config (it was checked when it was made; sections are frozen, so it is still valid)."""
-        return self
-
 
 def config_section(config, section_type):
     """The ``section_type`` part of an APTConfig, or ``config`` itself when it already is one.

@@ -59,6 +59,7 @@ from .config import APTConfig
 from .data import Dataset, few_shot, list_categories, load_dataset
 from .data.files import atomic_write, check_name, make_folder, write_if_changed
 from .features import FeatureStore
+from .pipeline import with_shots
 from .perturbations import list_perturbations, perturb
 from .roi import region_of_interest
 from .scoring import build_memory, score
@@ -142,11 +143,6 @@ def check_request(strengths, kinds=None, threshold: str = "quantile", target_fpr
     return tuple(sorted({float(s) for s in values})), list(dict.fromkeys(names))
 
 
-def _with(config: APTConfig, k: int | None, seed: int | None) -> APTConfig:
-    changes = {key: value for key, value in (("train__k_shot", k), ("train__seed", seed)) if value is not None}
-    return (config.replace(**changes) if changes else config).validate()
-
-
 def split_held_out(dataset: Dataset, k: int, seed: int, held_out: int | None = None
                    ) -> tuple[list[int], list[int], list[int]]:
     """(shots, calibration, evaluation) train indices: the fixed k-shot draw, then the other train images in a
@@ -187,7 +183,7 @@ def severity(backbone: Backbone, dataset: Dataset, config: APTConfig, strengths:
         store: features of this category's images (a run's store: nothing is encoded twice).
     """
     strengths, kinds = check_request(strengths, kinds, threshold, target_fpr, held_out)
-    config = _with(config, k, seed)
+    config = with_shots(config, k, seed)
     k, seed, radius = config.train.k_shot, config.train.seed, config.score.locality_radius
     shots, calibration, evaluation = split_held_out(dataset, k, seed, held_out)
     store = store or FeatureStore(backbone, config.score.batch_size)
@@ -275,7 +271,7 @@ def run_severity(dataset_name: str, config: APTConfig, strengths: Sequence[float
     run keeps the finished categories; it does not resume). Returns the folder.
     """
     check_request(strengths, kinds, threshold, target_fpr, held_out)
-    config = _with(config, k, seed)
+    config = with_shots(config, k, seed)
     names = [check_name(c) for c in dict.fromkeys(categories or list_categories(dataset_name, root))]
     datasets = [load_dataset(dataset_name, root=root, category=c) for c in names]
     for dataset in datasets:
