@@ -14,7 +14,7 @@ install: $(STAMP)
 # Idempotent: re-runs only when pyproject.toml changes or the venv is missing.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77"   # the build floor of pyproject.toml (tests build the wheel in .venv)
 	$(BIN)/python -m pip install -q -e ".[notebooks,test,docs,cluster]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)

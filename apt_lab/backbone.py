@@ -406,14 +406,31 @@ def _check_towers(name: str) -> None:
             "'ViT-B-16-plus-240' or 'apt-tiny'.")
 
 
+class RandomWeightsWarning(UserWarning):
+    """Pretrained weights were unavailable and a backbone fell back to random weights."""
+
+
+ANNOUNCED: set[tuple[str, str | None]] = set()  # (name, pretrained) fallbacks announced in this process
+
+
+def random_weights_notice(name: str, pretrained: str | None, reason: str) -> str:
+    """The loud notice of a fallback to random weights (what :func:`load_backbone_from_config` warns)."""
+    line = "!" * 100
+    return (f"{name}: pretrained weights {pretrained!r} unavailable, using random weights\n{line}\n"
+            f"!! PRETRAINED WEIGHTS UNAVAILABLE — running {name} with RANDOM WEIGHTS.\n!! {reason}\n"
+            f"!! Scores measure the pipeline, not APT's accuracy; every cell records \"pretrained\": false.\n{line}")
+
+
 def load_backbone_from_config(config, device: str | torch.device | None = None,
                               fallback_to_random: bool = False) -> Backbone:
     """The backbone of ``config.backbone`` (an ``APTConfig`` or its ``BackboneConfig``); ``device`` overrides it.
 
     With ``fallback_to_random``, weights that cannot be had (offline) give the same architecture with random
-    weights and a warning; ``backbone.pretrained_loaded`` is then False and ``backbone.fallback_reason`` says
-    why, so the faces (command line, notebooks, report) can announce it loudly. What ``apt-lab demo`` and the
-    notebooks use, so that an offline machine still runs everything end to end.
+    weights; ``backbone.pretrained_loaded`` is then False and ``backbone.fallback_reason`` says why. The fallback is
+    announced loudly (:class:`RandomWeightsWarning`), once per process and backbone: a run loads its backbone in
+    several places, and Python's own once-per-place filter forgets whenever code changes the warning filters (as
+    loading a checkpoint does). What ``apt-lab demo`` and the notebooks use, so that an offline machine still runs
+    everything end to end.
     """
     from .config import BackboneConfig, config_section
 
@@ -425,8 +442,10 @@ def load_backbone_from_config(config, device: str | torch.device | None = None,
     except WeightsUnavailableError as error:
         if not fallback_to_random:
             raise
-        warnings.warn(f"{b.name}: pretrained weights {b.pretrained!r} unavailable, using random weights",
-                      stacklevel=2)
         backbone = load_backbone(b.name, None, **kwargs)
         backbone.fallback_reason = f"{b.pretrained!r} weights unavailable: {error}"
+        if (b.name, b.pretrained) not in ANNOUNCED:
+            ANNOUNCED.add((b.name, b.pretrained))
+            warnings.warn(random_weights_notice(b.name, b.pretrained, backbone.fallback_reason),
+                          RandomWeightsWarning, stacklevel=2)
         return backbone

@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ._version import __version__
 from .config import APTConfig, PromptConfig, SMGSConfig, section_from_dict
-from .data.files import atomic_write
+from .data.files import Folder
 from .errors import CorruptFileError
 from .prompts import PromptLearner
 from .smgs import MetaPrompt
@@ -74,6 +74,17 @@ def save_prompts(result_or_learner, path: str | os.PathLike, config: APTConfig |
     Returns:
         The path of the ``.safetensors`` file.
     """
+    tensors, text = prompt_bytes(result_or_learner, config, backbone, extra)  # fails before any file is touched
+    tensor_file, json_file = prompt_files(path)
+    with Folder(tensor_file.parent, create=True, link=True) as folder:  # each file atomically, never through a link
+        folder.write(tensor_file.name, tensors)
+        folder.write(json_file.name, text)
+    return tensor_file
+
+
+def prompt_bytes(result_or_learner, config: APTConfig | None = None, backbone=None,
+                 extra: dict | None = None) -> tuple[bytes, str]:
+    """What :func:`save_prompts` writes, as (safetensors bytes, JSON text): a run folder stores them itself."""
     if isinstance(result_or_learner, PromptLearner):
         learner, meta, result_config = result_or_learner, None, None
     elif isinstance(getattr(result_or_learner, "prompts", None), PromptLearner):  # a TuneResult
@@ -96,12 +107,7 @@ def save_prompts(result_or_learner, path: str | os.PathLike, config: APTConfig |
             "backbone": backbone_info(backbone), **learner.state(), "meta": meta_info,
             "config": config.to_dict() if config is not None else None, "extra": extra,
             "tensors": sorted(tensors)}
-    tensor_file, json_file = prompt_files(path)
-    tensor_file.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(info, indent=2)  # fails here, before any file is touched, if extra is not JSON
-    atomic_write(tensor_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    atomic_write(json_file, lambda tmp: tmp.write_text(text))
-    return tensor_file
+    return save(tensors, metadata={"format": FORMAT}), json.dumps(info, indent=2)
 
 
 def read_prompt_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+BOM = "\ufeff"  # the UTF-8 byte-order mark some editors put before the text
 
 # the values a field allows — the only place they are listed
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # backbone.precision (apt_lab.backbone maps them to dtypes)
@@ -43,9 +44,16 @@ META_LOSSES = ("kl", "cosine")  # smgs.meta_loss (apt_lab.smgs)
 META_UPDATES = ("ema", "periodic", "static")  # smgs.update (apt_lab.smgs)
 SMGS_TARGETS = ("update", "gradient", "both")  # smgs.apply_to (apt_lab.tuning)
 OPTIMIZERS = ("adam", "sgd")  # train.optimizer (apt_lab.tuning)
+DRAWS = ("fixed", "seed")  # train.draw (apt_lab.data.few_shot)
 BUILTIN_PERTURBATIONS = ("gaussian", "uniform", "salt_pepper", "feature")  # perturb.generators: apt_lab.perturbations
 #   registers these; @register_perturbation adds more
 MIN_IMAGE_SIZE = 32  # backbone.image_size: one patch of the coarsest CLIP ViT (32 px); smaller has no patch grid
+# Upper bounds: generous, but below what exhausts memory or overflows torch (a 10⁶-pixel image side, 10⁹ pool images)
+MAX_IMAGE_SIZE = 4096  # pixels per side: (4096/14)² patches already need GBs of attention per image
+MAX_IMAGES = 4096  # images in one batch, pool or shot set: each holds a full set of patch features
+MAX_STEPS = 10_000_000  # optimiser steps (and the periods counted in steps)
+MAX_BLOCKS = 128  # transformer blocks (the largest CLIP ViT has 48)
+MAX_SEED = 2**32 - 1  # numpy's seed range (torch's ends at 2⁶⁴ − 1)
 
 
 # ---------------------------------------------------------------------------------------------------- rules
@@ -56,8 +64,8 @@ class Rule:
     spelling into the stored one (a JSON list into a tuple, an int into a float).
 
     Example:
-        >>> integer(1).allowed, integer(1)(0), number(0, 1)(0.5), number(0, 1)(float("nan")), FLAG(1)
-        ('an int ≥ 1', False, True, False, False)
+        >>> integer(1, 9, "steps").allowed, integer(1, 9)(0), integer(1, 9)(10), number(0, 1)(float("nan")), FLAG(1)
+        ('an int from 1 to 9 (steps)', False, False, False, False)
     """
 
     allowed: str | Callable[[], str]
@@ -86,16 +94,20 @@ def _to_float(value):
     return float(value) if _is_int(value) else value
 
 
-def integer(low: int) -> Rule:
-    return Rule(f"an int ≥ {low}", lambda v: _is_int(v) and v >= low)
+def _note(note: str) -> str:
+    return f" ({note})" if note else ""
 
 
-def number(low: float = 0.0, high: float = math.inf, above: bool = False) -> Rule:
+def integer(low: int, high: int, note: str = "") -> Rule:
+    """An int in [low, high]; ``note`` (the unit, what to choose) follows the range in the message. Every int has an
+    upper bound: a huge one passes as a valid config and then dies in torch (allocating or overflowing)."""
+    return Rule(f"an int from {low} to {high if high < 10**5 else f'{high:,}'}{_note(note)}",
+                lambda v: _is_int(v) and low <= v <= high)
+
+
+def number(low: float, high: float, above: bool = False, note: str = "") -> Rule:
     """A finite number in [low, high] (``above``: low itself excluded); ints are stored as floats."""
-    if high < math.inf:
-        allowed = f"a number in {'(' if above else '['}{low:g}, {high:g}]"
-    else:
-        allowed = f"a finite number {'>' if above else '≥'} {low:g}"
+    allowed = f"a number in {'(' if above else '['}{low:g}, {high:g}]{_note(note)}"
     return Rule(allowed, lambda v: _is_number(v) and low <= v <= high and not (above and v == low), _to_float)
 
 
@@ -137,7 +149,10 @@ PERTURBATIONS = items(Rule("registered", lambda v: isinstance(v, str) and v in _
                       lambda: f"a non-empty list (not a bare string) of registered perturbations {_perturbations()}; "
                       "an unknown perturbation must be registered first (@apt_lab.register_perturbation, or "
                       "--plugin file.py)")
-STRENGTH = items(number(0), "[low, high] with 0 ≤ low ≤ high", 2, lambda v: v[0] <= v[1])
+STRENGTH = items(number(0, 10), "[low, high] with 0 ≤ low ≤ high ≤ 10 (pixels lie in [0, 1]: 1 already saturates)",
+                 2, lambda v: v[0] <= v[1])
+SEED = integer(0, MAX_SEED, "numpy's seed range")
+IMAGES = integer(1, MAX_IMAGES, "images; lower it when memory runs out")
 
 
 # ------------------------------------------------------------------------------------------------- sections
@@ -169,10 +184,12 @@ class BackboneConfig(_Section):
 
     SECTION = "backbone"
     RULES = {"name": TEXT, "pretrained": optional(TEXT, "random weights"),
-             "image_size": optional(integer(MIN_IMAGE_SIZE), "the architecture's native size"),
-             "layers": optional(items(integer(1), "a non-empty list of 1-based block numbers"), "4 evenly spaced"),
+             "image_size": optional(integer(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, "pixels; ViT-B-16 uses 224, ViT-L-14-336 "
+                                            "336, the paper preset 518"), "the architecture's native size"),
+             "layers": optional(items(integer(1, MAX_BLOCKS), f"a non-empty list of 1-based block numbers, each from 1 "
+                                      f"to {MAX_BLOCKS} (ViT-B has 12 blocks, ViT-L 24)"), "4 evenly spaced"),
              "device": optional(TEXT, "CUDA when available"),
-             "precision": optional(one_of(PRECISIONS), "bf16 on CUDA, fp32 on the CPU"), "init_seed": integer(0)}
+             "precision": optional(one_of(PRECISIONS), "bf16 on CUDA, fp32 on the CPU"), "init_seed": SEED}
 
 
 @dataclass(frozen=True)
@@ -192,9 +209,10 @@ class PerturbConfig(_Section):
 
     SECTION = "perturb"
     RULES = {"generators": PERTURBATIONS, "strength": STRENGTH, "region": one_of(REGIONS),
-             "roi_method": one_of(ROI_METHODS), "roi_texture_fraction": FRACTION, "roi_dilation": integer(0),
-             "blob": one_of(BLOB_SHAPES), "min_area": number(0, 1, above=True), "max_area": number(0, 1, above=True),
-             "feature_strength": number(0), "patch_threshold": FRACTION}
+             "roi_method": one_of(ROI_METHODS), "roi_texture_fraction": FRACTION,
+             "roi_dilation": integer(0, MAX_IMAGE_SIZE, "pixels"), "blob": one_of(BLOB_SHAPES),
+             "min_area": number(0, 1, above=True), "max_area": number(0, 1, above=True),
+             "feature_strength": number(0, 100, note="1 = noise as long as the token"), "patch_threshold": FRACTION}
 
     def __post_init__(self):
         super().__post_init__()
@@ -213,8 +231,10 @@ class PromptConfig(_Section):
     truncate: bool = True  # run the text tower on max(eot)+1 positions instead of 77 (same result, cheaper)
 
     SECTION = "prompts"
-    RULES = {"n_ctx": integer(1), "init_std": number(0), "suffix": STRING, "per_category": FLAG,
-             "deep_layers": integer(0), "truncate": FLAG}
+    RULES = {"n_ctx": integer(1, 75, "CLIP reads 77 tokens: start, context, suffix and end"),
+             "init_std": number(0, 10, note="CLIP's word embeddings have a std of about 0.02"), "suffix": STRING,
+             "per_category": FLAG, "deep_layers": integer(0, MAX_BLOCKS, "at most the text tower's blocks − 1"),
+             "truncate": FLAG}
 
 
 @dataclass(frozen=True)
@@ -234,9 +254,10 @@ class SMGSConfig(_Section):
     #   "gradient" (ProGrad: the gradient before the optimiser; exact for plain SGD only), or "both"
 
     SECTION = "smgs"
-    RULES = {"lam": number(0), "meta_normal": TEXT, "meta_anomalous": TEXT, "meta_loss": one_of(META_LOSSES),
-             "patch_level": FLAG, "update": one_of(META_UPDATES), "ema_beta": FRACTION, "period": integer(1),
-             "heldout_size": integer(1), "anchor_weight": FRACTION, "apply_to": one_of(SMGS_TARGETS)}
+    RULES = {"lam": number(0, 100, note="1 removes the whole conflict"), "meta_normal": TEXT,
+             "meta_anomalous": TEXT, "meta_loss": one_of(META_LOSSES), "patch_level": FLAG,
+             "update": one_of(META_UPDATES), "ema_beta": FRACTION, "period": integer(1, MAX_STEPS, "steps"),
+             "heldout_size": IMAGES, "anchor_weight": FRACTION, "apply_to": one_of(SMGS_TARGETS)}
 
 
 @dataclass(frozen=True)
@@ -256,14 +277,21 @@ class TrainConfig(_Section):
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of (image CE, patch focal, patch dice)
     seed: int = 0  # seeds perturbations, prompt init and batch order; same seed → same scores on CPU
     encode_each_step: bool = False  # baseline/ablation: no pool, perturb and encode each step's anomalies afresh
+    draw: str = "fixed"  # the k shots: "fixed" = the paper's nested lists shipped with apt_lab (seeds vary training
+    #   only); "seed" = each seed draws its own shots (seeds vary the data too)
 
     SECTION = "train"
-    RULES = {"k_shot": integer(1), "steps": integer(0), "batch_size": integer(1), "anomaly_fraction": FRACTION,
-             "pool_size": integer(1), "pool_refresh": integer(0), "feature_pool_fraction": FRACTION,
-             "optimizer": one_of(OPTIMIZERS), "lr": number(0, above=True), "momentum": FRACTION,
-             "weight_decay": number(0), "focal_gamma": number(0),
-             "loss_weights": items(number(0), "three weights ≥ 0 (image CE, patch focal, patch dice)", 3),
-             "seed": integer(0), "encode_each_step": FLAG}
+    RULES = {"k_shot": integer(1, MAX_IMAGES, "normal images per category; few-shot is 1, 2 or 4"),
+             "steps": integer(0, MAX_STEPS, "the fast preset uses 200"), "batch_size": IMAGES,
+             "anomaly_fraction": FRACTION,
+             "pool_size": integer(1, MAX_IMAGES, "perturbed images per shot group, each with all its patch features; "
+                                  "the fast preset uses 64"),
+             "pool_refresh": integer(0, MAX_STEPS, "steps"), "feature_pool_fraction": FRACTION,
+             "optimizer": one_of(OPTIMIZERS), "lr": number(0, 10, above=True, note="Adam takes about 0.002, SGD more"),
+             "momentum": FRACTION, "weight_decay": number(0, 10), "focal_gamma": number(0, 10, note="2 is usual"),
+             "loss_weights": items(number(0, 1000), "three weights from 0 to 1000 (image CE, patch focal, patch dice)",
+                                   3),
+             "seed": SEED, "encode_each_step": FLAG, "draw": one_of(DRAWS)}
 
 
 @dataclass(frozen=True)
@@ -277,8 +305,11 @@ class ScoreConfig(_Section):
     batch_size: int = 16  # images per encoder pass when scoring
 
     SECTION = "score"
-    RULES = {"temperature": number(0, above=True), "blur_sigma": number(0), "fuse_map_max": FRACTION,
-             "memory": FLAG, "memory_weight": number(0), "locality_radius": integer(0), "batch_size": integer(1)}
+    RULES = {"temperature": number(0, 10, above=True, note="CLIP's is 0.01"),
+             "blur_sigma": number(0, 1024, note="pixels; the kernel spans 8σ"), "fuse_map_max": FRACTION,
+             "memory": FLAG, "memory_weight": number(0, 100),
+             "locality_radius": integer(0, MAX_IMAGE_SIZE, "patches; a radius of the grid's side sees everything"),
+             "batch_size": IMAGES}
 
 
 @dataclass(frozen=True)
@@ -325,23 +356,31 @@ class APTConfig:
             ...
             apt_lab.errors.ConfigError: config.train: unknown field(s) ['stepz']; known: ['anomaly_fraction', ...]
         """
-        text, source = str(text_or_path), None
+        text, source = str(text_or_path).removeprefix(BOM), None
         if not text.lstrip().startswith("{"):
             source = f"config file {text_or_path}"
-            try:
-                text = Path(text_or_path).expanduser().read_text(encoding="utf-8")
+            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is read as nothing
+                text = Path(text_or_path).expanduser().read_text(encoding="utf-8-sig")
             except OSError as error:
                 raise ConfigError(f"{source} cannot be read ({error.strerror or error}); give a JSON file such as "
                                   f"{PRESET_DIR / 'fast.json'}") from None
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"{source} is not UTF-8 text (byte {error.start}: {error.reason}); save it as "
+                                  "UTF-8") from None
         try:
-            return cls.from_dict(json.loads(text))
+            return cls.from_dict(json.loads(text, object_pairs_hook=_unique_keys))
         except json.JSONDecodeError as error:
             raise ConfigError(f"{source or 'config text'} is not valid JSON: {error.msg} at line {error.lineno}, "
                               f"column {error.colno}") from None
+        except RecursionError:
+            raise ConfigError(f"{source or 'config text'} is nested too deeply to be a config (a config has two "
+                              "levels: {\"section\": {\"field\": value}})") from None
         except ConfigError as error:
             if source is None:
                 raise
             raise ConfigError(f"{source}: {error}") from None
+        except ValueError as error:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{source or 'config text'} is not a valid config: {error}") from None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "APTConfig":
@@ -361,10 +400,10 @@ class APTConfig:
         Example:
             >>> APTConfig().replace(smgs__lam=0.0).smgs.lam
             0.0
-            >>> APTConfig.preset("quick", score__temperature=0)
+            >>> APTConfig.preset("quick", score__temperature=0)  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            apt_lab.errors.ConfigError: config score.temperature=0: must be a finite number > 0; the default is 0.07
+            apt_lab.errors.ConfigError: config score.temperature=0: must be a number in (0, 10] ...; the default is 0.07
         """
         data = self.to_dict()
         for key, value in overrides.items():
@@ -376,6 +415,16 @@ class APTConfig:
             else:
                 data[section][name] = value
         return APTConfig.from_dict(data)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs → dict, refusing a key given twice (``json`` would keep the last one silently)."""
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ConfigError(f"duplicate key {twice[0]!r} in one JSON object (JSON would silently keep the last "
+                          "value); keep one of them")
+    return dict(pairs)
 
 
 def config_section(config, section_type):

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from .backbone import Backbone, ImageFeatures
-from .data.files import atomic_write
+from .data.files import Folder
 
 FORMAT = "apt_lab.features/1"
 
@@ -121,14 +121,14 @@ class FeatureStore:
         return digest.hexdigest()
 
     def _write(self, file: Path, key: str, features: ImageFeatures, paths: list[str]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"cls": features.cls.detach().cpu().contiguous(),
                    "patches": features.patches.detach().cpu().contiguous()}
         metadata = {"format": FORMAT, "key": key, "grid": json.dumps(list(features.grid)), "count": str(len(paths)),
                     "checksum": str(_checksum(tensors)), "backbone": json.dumps(self.signature())}
-        file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata))
+        with Folder(file.parent, create=True, link=True) as folder:
+            folder.write(file.name, save(tensors, metadata))
 
     def _read(self, file: Path, key: str, count: int, radius: int) -> ImageFeatures | None:
         """The cached features, or None (with a warning) when the file is damaged or does not fit."""

@@ -15,14 +15,18 @@ repositories, offered only to compare with their numbers.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
            "pixel_metrics", "PixelCounts", "aupro", "pro_curve", "evaluate",
-           "format_metric", "METRIC_KEYS"]
+           "format_metric", "METRIC_KEYS", "PixelMetricsSkipped", "warn_pixel_metrics_skipped", "wilson_interval"]
 CFLOW_STEPS = 200
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: two-sided 95 % intervals
 
 
 # --- input checks --------------------------------------------------------------------------------
@@ -492,6 +496,21 @@ def aupro(anomaly_maps, masks, fpr_limit: float = 0.3, method: str = "mvtec") ->
 
 
 # --- everything at once --------------------------------------------------------------------------
+class PixelMetricsSkipped(UserWarning):
+    """Pixel metrics are None: the masks mark no anomalous pixel, or some anomalous test image has no mask."""
+
+
+SKIP_NOTICES: set[str] = set()  # the pixel-metrics notices given in this process
+
+
+def warn_pixel_metrics_skipped(message: str, stacklevel: int = 3) -> None:
+    """Warn ``message`` (:class:`PixelMetricsSkipped`) once per process: every cell of a run evaluates the same test
+    set, and Python's own once-per-place filter forgets whenever code changes the warning filters (torch does)."""
+    if message not in SKIP_NOTICES:
+        SKIP_NOTICES.add(message)
+        warnings.warn(message, PixelMetricsSkipped, stacklevel=stacklevel)
+
+
 def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 0.3) -> dict:
     """All seven metrics of the protocol for one category.
 
@@ -525,11 +544,9 @@ def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 
         raise ValueError(f"anomaly_maps has {m.shape[0]} maps (shape {m.shape}) but labels has {n} "
                          f"entries; pass one map per image.")
     if not g.any():
-        import warnings
-
-        warnings.warn(f"pixel metrics skipped: none of the {g.shape[0]} masks marks an anomalous pixel, so pixel AUROC, "
-                      "AP, F1-max and AUPRO are undefined (None). Check that the masks are the ground truth of the "
-                      "anomalous images (non-zero = anomalous).", UserWarning, stacklevel=2)
+        warn_pixel_metrics_skipped(f"pixel metrics skipped: none of the {g.shape[0]} masks marks an anomalous pixel, "
+                                   "so pixel AUROC, AP, F1-max and AUPRO are undefined (None). Check that the masks "
+                                   "are the ground truth of the anomalous images (non-zero = anomalous).")
         return out
     if m.dtype == np.float16:                                         # streamed, checked chunk by chunk
         out.update(_streamed(m, g, fpr_limit))
@@ -540,6 +557,29 @@ def evaluate(image_scores, anomaly_maps, labels, masks=None, fpr_limit: float = 
 
 
 # --- tables ----------------------------------------------------------------------------------------
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate, 95 % by default: (low, high) as fractions of ``trials``.
+
+    (p̂ + z²/2n ± z·√(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n), with n = trials and p̂ = successes / n. Chosen over
+    the normal ("Wald") interval, which collapses to [0, 0] at 0 successes, and over Clopper–Pearson, which needs
+    beta quantiles and covers more than 95 %: Wilson's coverage stays near 95 % at the small counts a false-positive
+    rate of a few normal images has, and it is a closed form. Math only (no numpy, no torch).
+
+    Example (0 of 3: the upper bound is z²/(3 + z²) = 3.8415/6.8415; 1 of 20: Wilson's [0.9 %, 23.6 %]):
+        >>> [round(b, 4) for b in wilson_interval(0, 3)], [round(b, 4) for b in wilson_interval(1, 20)]
+        ([0.0, 0.5615], [0.0089, 0.2361])
+    """
+    if isinstance(successes, bool) or isinstance(trials, bool) or int(successes) != successes \
+            or int(trials) != trials or not 0 <= successes <= trials or trials < 1:
+        raise ValueError(f"wilson_interval({successes!r}, {trials!r}): needs whole numbers 0 ≤ successes ≤ trials, "
+                         "trials ≥ 1")
+    n, rate = trials, successes / trials
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends, where rounding would leave 1e-17
+    return low, 1.0 if successes == trials else min(1.0, centre + half)
+
+
 def format_metric(value, digits: int = 4) -> str:
     """How every table prints a value: "" for None, "nan", fixed ``digits`` for floats, str() otherwise.
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,17 +116,13 @@ class Session:
     def backbone(self):
         """The frozen backbone of ``config.backbone`` (loaded once, then cached).
 
-        In full mode, when the pretrained weights cannot be fetched, it warns loudly and falls back to the same
-        architecture with random weights (``backbone.pretrained_loaded`` is then False).
+        In full mode, when the pretrained weights cannot be fetched, it warns loudly (once per backbone) and falls
+        back to the same architecture with random weights (``backbone.pretrained_loaded`` is then False).
         """
         if self._backbone is None:
             from .backbone import load_backbone_from_config
-            from .report import random_weights_banner
 
             self._backbone = load_backbone_from_config(self.config, device=self.device, fallback_to_random=True)
-            banner = random_weights_banner(self._backbone)
-            if banner:
-                print(banner, file=sys.stderr, flush=True)
         return self._backbone
 
     def categories(self) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -17,10 +16,10 @@ import torch
 from . import metrics as metrics_lib
 from .backbone import Backbone
 from .baselines import human_prompt_features
-from .checkpoint import save_prompts
+from .checkpoint import prompt_bytes
 from .config import APTConfig
 from .data import Dataset, few_shot, list_categories, load_dataset
-from .data.files import atomic_write, check_name, make_folder
+from .data.files import Folder, check_name
 from .features import FeatureStore
 from .scoring import build_memory, score
 from .tuning import TuneResult, tune_prompts
@@ -53,12 +52,6 @@ class CategoryResult:
     timings: dict = field(default_factory=dict)
     tuned: TuneResult | None = None
 
-    def summary(self) -> dict:
-        """A JSON-ready dict: metrics, shots, timings, test-set size (no tensors)."""
-        return {"category": self.category, "method": self.method, "metrics": self.metrics, "shots": self.shots,
-                "n_test": int(self.labels.numel()), "n_anomalous": int(self.labels.sum()),
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
-
 
 def with_shots(config: APTConfig, k: int | None = None, seed: int | None = None) -> APTConfig:
     """``config`` with ``train.k_shot``/``train.seed`` overridden where given: the one place shots and seed change.
@@ -83,7 +76,8 @@ def run_category(backbone: Backbone, dataset: Dataset, config: APTConfig, k: int
         seed: training seed (perturbations, prompt init, batch order); None = ``config.train.seed``.
         method: "apt" (learned prompts, SMGS per ``config.smgs``) or "human" (WinCLIP ensemble with the category
             name filled in, no tuning).
-        shot_seed: None = the fixed shot lists shipped with apt_lab; an int = a seeded random draw.
+        shot_seed: None = as ``config.train.draw`` says (the fixed shot lists shipped with apt_lab, or a draw seeded
+            with ``seed``); an int = a draw seeded with it.
         store: where the test images' and shots' features come from; pass one store to every run of a category
             (shot counts, seeds, methods) and each image is encoded once. None = a store for this run only.
 
@@ -98,37 +92,21 @@ def run_category(backbone: Backbone, dataset: Dataset, config: APTConfig, k: int
     timings: dict[str, float] = {}
     start = time.perf_counter()
     uses_shots = method == "apt" or config.score.memory  # human prompts alone are zero-shot: no shots at all
+    shot_seed = config.train.seed if shot_seed is None and config.train.draw == "seed" else shot_seed
     shots_idx = few_shot(dataset.train, config.train.k_shot, seed=shot_seed) if uses_shots else []
-    shot_features = store.features(dataset.train, shots_idx, radius) if uses_shots else None  # once per store
     test_features = store.features(dataset.test, None, radius)  # (T images) encoded once per store
     timings["encode_s"] = time.perf_counter() - start  # 0 when the store already held them
 
     start = time.perf_counter()
-    tuned = None
-    if method == "apt":
-        shots = store.images(dataset.train, shots_idx).to(backbone.device)  # (k, 3, S, S)
-        tuned = tune_prompts(backbone, shots, config, callbacks=callbacks, progress=progress,
-                             shot_features=shot_features)  # the store's features: no second pass
-        if tuned.interrupted and not callbacks:  # only Ctrl-C stops tuning without a callback: score nothing half-done
-            raise KeyboardInterrupt(f"tuning of {dataset.category} was interrupted")
-        prompts = tuned.prompts
-    else:
-        prompts = human_prompt_features(backbone, category=dataset.category.replace("_", " "))  # (2, D)
+    prompts, tuned, memory = prepare_prompts(backbone, dataset, config, method, shots_idx, store, callbacks, progress)
     timings["tune_s"] = time.perf_counter() - start
     if tuned is not None:
         timings["pool_s"] = tuned.timings["pool_s"]  # perturb + encode the pool, part of tune_s
 
     start = time.perf_counter()
-    memory = build_memory(backbone, shot_features, config) if config.score.memory else None
-    test = dataset.test
-    image_scores = torch.empty(len(test))  # (T,)
-    anomaly_maps = torch.empty(len(test), size, size, dtype=torch.float16)  # (T, S, S), half the memory
-    chunk = 64  # maps held in float32 at once
-    for begin in range(0, len(test), chunk):
-        out = score(backbone, prompts, test_features[begin:begin + chunk], config, memory=memory)
-        image_scores[begin:begin + chunk] = out.image_scores
-        anomaly_maps[begin:begin + chunk] = out.anomaly_maps
+    image_scores, anomaly_maps = score_chunked(backbone, prompts, test_features, config, memory)  # (T,), (T, S, S)
     timings["score_s"] = time.perf_counter() - start
+    test = dataset.test
     labels, masks = test.labels, test.masks(size)  # (T,), (T, S, S) nearest-neighbour; None without masks
 
     start = time.perf_counter()
@@ -136,6 +114,36 @@ def run_category(backbone: Backbone, dataset: Dataset, config: APTConfig, k: int
     timings["evaluate_s"] = time.perf_counter() - start
     return CategoryResult(dataset.category, method, result_metrics, image_scores, anomaly_maps, labels, masks,
                           list(test.defects), [str(p) for p in test.paths], list(shots_idx), timings, tuned)
+
+
+def prepare_prompts(backbone: Backbone, dataset: Dataset, config: APTConfig, method: str, shots_idx: list[int],
+                    store: FeatureStore, callbacks: Sequence[Callable] = (), progress: bool = False):
+    """(prompts, TuneResult or None, visual memory or None): learned prompts tuned on the shots ``shots_idx`` of
+    ``dataset.train`` (method "apt") or WinCLIP's human prompts — the one tuning path of runs, sweeps and severity."""
+    radius = config.score.locality_radius
+    shot_features = store.features(dataset.train, shots_idx, radius) if shots_idx else None  # once per store
+    memory = build_memory(backbone, shot_features, config) if config.score.memory else None
+    if method != "apt":
+        return human_prompt_features(backbone, category=dataset.category.replace("_", " ")), None, memory  # (2, D)
+    shots = store.images(dataset.train, shots_idx).to(backbone.device)  # (k, 3, S, S)
+    tuned = tune_prompts(backbone, shots, config, callbacks=callbacks, progress=progress,
+                         shot_features=shot_features)  # the store's features: no second pass
+    if tuned.interrupted and not callbacks:  # only Ctrl-C stops tuning without a callback: score nothing half-done
+        raise KeyboardInterrupt(f"tuning of {dataset.category} was interrupted")
+    return tuned.prompts, tuned, memory
+
+
+def score_chunked(backbone: Backbone, prompts, inputs, config: APTConfig, memory=None, chunk: int = 64):
+    """Image scores (N,) and float16 maps (N, S, S) of ``inputs`` (features, or pixels (N, 3, S, S)), scored
+    ``chunk`` at a time so a large set never holds every map in float32."""
+    n, size = len(getattr(inputs, "cls", inputs)), backbone.image_size  # features (cls (N, D)) or pixels
+    image_scores = torch.empty(n)  # (N,)
+    anomaly_maps = torch.empty(n, size, size, dtype=torch.float16)  # (N, S, S), half the memory
+    for begin in range(0, n, chunk):
+        out = score(backbone, prompts, inputs[begin:begin + chunk], config, memory=memory)
+        image_scores[begin:begin + chunk] = out.image_scores
+        anomaly_maps[begin:begin + chunk] = out.anomaly_maps
+    return image_scores, anomaly_maps
 
 
 def check_datasets(dataset_name: str, categories: Sequence[str] | None, root: str | None, k: int) -> dict[str, Dataset]:
@@ -164,27 +172,27 @@ def select_examples(labels: torch.Tensor, image_scores: torch.Tensor, per_kind: 
     return chosen
 
 
-def save_cell_artefacts(folder: Path, key: str, result: CategoryResult, dataset: Dataset, config: APTConfig,
-                        backbone: Backbone) -> list[str]:
-    """Keep a cell's learned prompts and example maps in ``<folder>/cells/<key>/``; returns the files written,
-    relative to ``folder`` (its record lists them: the run's manifest). Never writes through a link."""
-    relative = Path("cells", *key.split("/"))
-    target = make_folder(folder, relative)
-    written = []
+def save_cell_artefacts(folder: Folder, cell_folder: str, result: CategoryResult, dataset: Dataset,
+                        config: APTConfig, backbone: Backbone) -> list[str]:
+    """Keep a cell's learned prompts and example maps in ``<folder>/<cell_folder>/`` (through the opened run
+    folder, never a link); returns the files written, relative to the folder (the cell's line lists them)."""
+    written = {}
     if result.tuned is not None:
-        save_prompts(result.tuned, target / "prompts", config=config, backbone=backbone)
-        written += [f"{relative.as_posix()}/prompts.safetensors", f"{relative.as_posix()}/prompts.json"]
-    save_examples(target / "examples.safetensors", result, dataset)
-    return written + [f"{relative.as_posix()}/examples.safetensors"]
+        tensors, text = prompt_bytes(result.tuned, config=config, backbone=backbone)
+        written.update({"prompts.safetensors": tensors, "prompts.json": text})
+    written["examples.safetensors"] = example_bytes(result, dataset)
+    for name, data in written.items():
+        folder.write(f"{cell_folder}/{name}", data)
+    return [f"{cell_folder}/{name}" for name in written]
 
 
-def save_examples(path: Path, result: CategoryResult, dataset: Dataset, per_kind: int = 4, side: int = 112) -> Path:
-    """What the report draws for a cell, in one safetensors file (no pickle): the ``per_kind`` highest-scoring
+def example_bytes(result: CategoryResult, dataset: Dataset, per_kind: int = 4, side: int = 112) -> bytes:
+    """What the report draws for a cell, as the bytes of one safetensors file (no pickle): the ``per_kind`` highest-scoring
     anomalous and normal test images, their maps, masks and scores as thumbnails of at most ``side`` pixels (the
     size the report shows them at; maps area-averaged, masks nearest), plus the colour range of the whole test set
     at full resolution. The report is then redrawn at any time from the run folder alone."""
     import torch.nn.functional as F
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     shown = select_examples(result.labels, result.image_scores, per_kind)
     size = min(result.anomaly_maps.shape[-1], side)
@@ -199,5 +207,4 @@ def save_examples(path: Path, result: CategoryResult, dataset: Dataset, per_kind
         masks = F.interpolate(result.masks[shown].float()[:, None], size=size, mode="nearest")[:, 0]  # (n, s, s)
         tensors["masks"] = masks.to(torch.uint8)
     metadata = {"defects": json.dumps([result.defects[i] for i in shown])}
-    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                                    metadata))
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata)

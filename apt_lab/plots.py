@@ -7,6 +7,10 @@ Images travel as PNG data URIs (``go.Image(source=...)``), so a figure of a few 
 Anomaly maps share **one colour range for the whole set** by default (``anomaly_map_grid``): per-image
 normalisation stretches a normal image's faint noise to full red and makes it look anomalous.
 
+Metrics come in as fractions (what the Python API returns) and are drawn in **percent with one decimal**, as every
+table prints them: axes titled "image AUROC (%)", ± std only where there are two seeds or more, no error-bar caps,
+and an axis that spans at least ``MIN_SPAN`` points (``percent_range``), so seed noise is not drawn as a trend.
+
 Example:
     >>> import torch
     >>> fig = anomaly_map_figure(torch.rand(3, 8, 8), torch.rand(8, 8), mask=torch.rand(8, 8) > 0.8)
@@ -25,7 +29,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .metrics import format_metric
+from .metrics import METRIC_KEYS, format_metric
+from .store import format_cell, mean_std
 
 MAP_COLORSCALE = "Jet"  # the anomaly-map convention in the CLIP-AD literature: blue normal, red anomalous
 MASK_COLOR = "white"  # ground-truth outline
@@ -44,6 +49,10 @@ METRIC_MEANINGS = {  # what a family of metrics measures, in the order the legen
     "AUPRO": "mean overlap with each defect region up to 30 % false-positive rate",
 }
 LOSS_KEYS = ("loss", "image_loss", "focal", "dice", "meta_loss")
+# Metrics the Python API returns as fractions in [0, 1] and every table, figure and widget shows in percent with one
+# decimal, as papers print them (``format_cell``): one unit for a reader, fractions only in return values.
+PERCENT_KEYS = (*METRIC_KEYS, "fpr_at_threshold", "tpr_at_threshold")
+MIN_SPAN = 10.0  # percentage points: the least a metric axis spans, so a 0.2-point wobble is not drawn as a trend
 MEAN_FILL = "#e8eaf6"  # background of the rows a table sets apart ("mean" rows)
 SUBPLOT_TITLE_SIZE = 14  # px; plotly's default (16) makes three titles collide on a 700 px docs column
 
@@ -78,6 +87,86 @@ def metric_legend(keys: Sequence[str] | None = None, percent: bool = False) -> s
     text = "; ".join(parts) + (". All metrics in percent, higher is better." if percent else
                                ". All metrics in [0, 1], higher is better.")
     return text.replace("0.5 = guessing", "50 = guessing") if percent else text
+
+
+def metric_axis_title(key: str) -> str:
+    """The title of an axis that shows a metric: its readable name and its unit.
+
+    Example:
+        >>> metric_axis_title("image_auroc"), metric_axis_title("tune_s")
+        ('image AUROC (%)', 'tune prompts (s)')
+    """
+    return f"{metric_label(key)} (%)" if key in PERCENT_KEYS else metric_label(key)
+
+
+def percent_range(lows: Sequence[float], highs: Sequence[float], span: float = MIN_SPAN,
+                  limits: tuple[float, float] = (0.0, 100.0), pad: float = 1.0) -> list[float]:
+    """A metric axis in percent that shows the interval rather than magnifying noise: it holds every point with its
+    error bar (``lows`` = mean − std, ``highs`` = mean + std, in percent) plus ``pad``, and spans at least ``span``
+    points, widened about the data's middle and kept inside ``limits`` where the data allow; ends on whole points.
+
+    Example:
+        >>> percent_range([79.3, 80.0], [80.7, 80.2])        # a 0.2-point change with a 0.7 std: 10 points, not 1
+        [75.0, 85.0]
+        >>> percent_range([99.0], [100.0]), percent_range([20.0], [90.0])
+        ([91.0, 101.0], [19.0, 91.0])
+    """
+    if not lows:
+        return [limits[0], limits[1]]
+    low, high = min(lows) - pad, max(highs) + pad
+    if high - low < span:
+        middle = (low + high) / 2
+        low, high = middle - span / 2, middle + span / 2
+    floor, ceiling = min(limits[0], min(lows) - pad), max(limits[1], max(highs) + pad)
+    shift = max(0.0, floor - low) - max(0.0, high - ceiling)  # move the window inside the limits, keeping the data
+    return [float(math.floor(low + shift + 1e-9)), float(math.ceil(high + shift - 1e-9))]  # whole points
+
+
+def error_bars(stds: Sequence[float | None]) -> dict:
+    """``error_y`` of a trace of means in percent: ± std (a fraction) where a point has one; no cap anywhere, and no
+    bar at all where the std is None (n = 1) — a zero-length bar without a cap draws nothing.
+
+    Example:
+        >>> error_bars([None, None])
+        {'visible': False}
+        >>> error_bars([0.012, None])
+        {'type': 'data', 'array': [1.2, 0.0], 'visible': True, 'width': 0, 'thickness': 1.5}
+    """
+    if all(std is None for std in stds):
+        return {"visible": False}
+    return {"type": "data", "array": [0.0 if std is None else round(std * 100, 9) for std in stds], "visible": True,
+            "width": 0, "thickness": 1.5}
+
+
+def summary_hover(name: str) -> str:
+    """The hover text of a point whose ``customdata`` is [``format_cell`` text, n]: "brick: 95.3 ± 0.4 % (n = 2)"."""
+    return "%{x}: %{customdata[0]} % (n = %{customdata[1]})<extra>" + name + "</extra>"
+
+
+def summary_bar_figure(groups: Mapping[str, Sequence[tuple]], metric: str = "image_auroc",
+                       title: str | None = "auto", height: int = 400) -> go.Figure:
+    """Grouped bars of summaries already computed: ``groups`` maps a bar colour's name to its bars, each
+    ``(x, (mean, std), n)`` with mean and std as fractions (std None for n = 1, as :func:`~apt_lab.store.mean_std`
+    gives). Bars in percent from 0 to 100 (or to the highest error bar), ± std only where n ≥ 2, no caps.
+
+    Example:
+        >>> fig = summary_bar_figure({"APT": [("brick", (0.9, 0.01), 2), ("grass", (0.7, None), 1)]})
+        >>> list(fig.data[0].y), list(fig.data[0].error_y.array), fig.layout.yaxis.title.text
+        ([90.0, 70.0], [1.0, 0.0], 'image AUROC (%)')
+    """
+    fig = go.Figure()
+    tops = [100.0]
+    for name, bars in groups.items():
+        means = [round(mean * 100, 9) for _, (mean, _), _ in bars]
+        stds = [std for _, (_, std), _ in bars]
+        tops += [m + (s or 0) * 100 for m, s in zip(means, stds)]
+        fig.add_trace(go.Bar(x=[x for x, _, _ in bars], y=means, name=name, error_y=error_bars(stds),
+                             customdata=[[format_cell(value), n] for _, value, n in bars],
+                             hovertemplate=summary_hover(name)))
+    title = f"{metric_label(metric)} (mean ± std over seeds)" if title == "auto" else title
+    fig.update_layout(barmode="group", title=title, height=height, margin=dict(l=50, r=10, t=50 if title else 10, b=40),
+                      yaxis=dict(title=metric_axis_title(metric), range=[0, max(tops) + 2]))
+    return fig
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -175,7 +264,7 @@ def _map_traces(image, anomaly_map, mask, zmin, zmax, opacity, threshold, showsc
 
 
 # -------------------------------------------------------------------------------------------- figures
-def image_figure(image, title: str | None = None, mask=None, height: int = 360) -> go.Figure:
+def image_figure(image, title: str | None = "image", mask=None, height: int = 360) -> go.Figure:
     """One image (3, H, W) in [0, 1], optionally with a mask outline.
 
     Example:
@@ -191,7 +280,7 @@ def image_figure(image, title: str | None = None, mask=None, height: int = 360) 
 
 
 def anomaly_map_figure(image, anomaly_map, mask=None, zmin: float | None = None, zmax: float | None = None,
-                       opacity: float = 0.5, title: str | None = None, threshold: float | None = None,
+                       opacity: float = 0.5, title: str | None = "anomaly map", threshold: float | None = None,
                        height: int = 420) -> go.Figure:
     """An anomaly map (H, W) over its image (3, H, W), the ground-truth outline (white) if ``mask`` is given.
 
@@ -274,7 +363,8 @@ def _title(text: str | None) -> dict:
     return dict(text=text, x=0.5, xanchor="center", y=1.0, yref="container", yanchor="top", pad=dict(t=8))
 
 
-def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = None, height: int = 330) -> go.Figure:
+def perturbation_figure(image, perturbed, mask, roi=None, title: str | None = "a synthetic anomaly",
+                        height: int = 330) -> go.Figure:
     """CFG at a glance: the normal image (region of interest outlined), the perturbed one, and its mask.
 
     Args:
@@ -349,14 +439,16 @@ def _metric(row: Mapping, metric: str):
 
 def metrics_bar_figure(rows: Sequence[Mapping], metric: str = "image_auroc", x: str = "category",
                        group: str = "variant", height: int = 400) -> go.Figure:
-    """Grouped bars of one metric: ``x`` on the axis, one bar colour per ``group``; mean ± std over seeds.
+    """Grouped bars of one metric in percent: ``x`` on the axis, one bar colour per ``group``; mean ± std over seeds
+    (the sample std, as the tables print it; no error bar where there is one seed).
 
     Rows are dicts such as ``{"variant": "APT", "category": "brick", "seed": 0, "image_auroc": 0.91}``
-    (a run folder's cells, flattened); a nested ``metrics`` dict works too. With more than one category
-    a "mean" (the macro mean over categories) is added: on the axis when ``x`` is "category", as a bar of each
-    ``x`` when ``group`` is "category". Nothing is ever averaged across variants.
+    (a run folder's cells, flattened; a row without ``seed`` counts as one more seed); a nested ``metrics`` dict
+    works too. With more than one category a "mean" is added — the macro mean over categories per seed, then mean
+    ± std over the seeds every category has, as the tables compute it: on the axis when ``x`` is "category", as a
+    bar of each ``x`` when ``group`` is "category". Nothing is ever averaged across variants.
     """
-    values: dict[tuple[str, str], list[float]] = {}
+    values: dict[tuple[str, str], dict] = {}  # (x, group) → seed → value
     xs, groups = [], []
     for row in rows:
         value = _metric(row, metric)
@@ -365,46 +457,54 @@ def metrics_bar_figure(rows: Sequence[Mapping], metric: str = "image_auroc", x: 
         key_x, key_g = str(row.get(x, "all")), str(row.get(group, "result"))
         xs += [key_x] if key_x not in xs else []
         groups += [key_g] if key_g not in groups else []
-        values.setdefault((key_x, key_g), []).append(float(value))
+        seeds = values.setdefault((key_x, key_g), {})
+        seeds[row.get("seed", len(seeds))] = float(value)
+    bars = {key_g: [(key_x, mean_std(list(values[(key_x, key_g)].values())), len(values[(key_x, key_g)]))
+                    for key_x in xs if (key_x, key_g) in values] for key_g in groups}
     if x == "category" and len(xs) > 1:
-        for key_g in groups:  # macro mean over categories of the per-category means
-            means = [float(np.mean(values[(key_x, key_g)])) for key_x in xs if (key_x, key_g) in values]
-            values[("mean", key_g)] = means
-        xs.append("mean")
+        for key_g in groups:
+            mean = _macro_mean([values[(key_x, key_g)] for key_x in xs if (key_x, key_g) in values])
+            bars[key_g] += [("mean", *mean)] if mean else []
     elif group == "category" and len(groups) > 1:
-        for key_x in xs:  # the same, as one more bar of each x (e.g. each variant)
-            values[(key_x, "mean")] = [float(np.mean(values[(key_x, key_g)])) for key_g in groups
-                                       if (key_x, key_g) in values]
-        groups.append("mean")
-    fig = go.Figure()
-    for key_g in groups:
-        present = [key_x for key_x in xs if (key_x, key_g) in values]
-        means = [float(np.mean(values[(k, key_g)])) for k in present]
-        stds = [float(np.std(values[(k, key_g)])) if "mean" not in (k, key_g) else 0.0 for k in present]
-        fig.add_trace(go.Bar(x=present, y=means, name=key_g, error_y=dict(type="data", array=stds, visible=True),
-                             hovertemplate="%{x}: %{y:.3f}<extra>" + key_g + "</extra>"))
-    label = metric_label(metric)
-    fig.update_layout(barmode="group", title=label, yaxis_title=label, height=height,
-                      yaxis=dict(range=[0, 1.02]), margin=dict(l=50, r=10, t=50, b=40))
-    return fig
+        bars["mean"] = [(key_x, *mean) for key_x in xs for mean in
+                        [_macro_mean([values[(key_x, key_g)] for key_g in groups if (key_x, key_g) in values])] if mean]
+    title = f"{metric_label(metric)} per {x} (mean ± std over seeds)"
+    return summary_bar_figure({name: chosen for name, chosen in bars.items() if chosen}, metric, title, height)
+
+
+def _macro_mean(per_category: list[dict]) -> tuple | None:
+    """((mean, std), n) of the per-seed means over categories (``per_category``: seed → value each), over the seeds
+    every category has; None when they share none.
+
+    Example:
+        >>> _macro_mean([{0: 0.8, 1: 1.0}, {0: 0.6, 1: 0.6, 2: 0.9}])
+        ((0.75, 0.070710678119), 2)
+    """
+    seeds = [seed for seed in per_category[0] if all(seed in values for values in per_category)]
+    if not seeds:
+        return None
+    return mean_std([sum(values[seed] for values in per_category) / len(per_category) for seed in seeds]), len(seeds)
 
 
 def metrics_table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None = None, digits: int = 3,
                          height: int | None = None, legend: bool = True,
-                         set_apart: Callable[[Mapping], bool] | None = None) -> go.Figure:
-    """A table of result rows; numbers rounded to ``digits``, keys shown by their readable names
-    (``METRIC_NAMES``: "image AUROC", "tune prompts (s)").
+                         set_apart: Callable[[Mapping], bool] | None = None, title: str | None = "results"
+                         ) -> go.Figure:
+    """A table of result rows, keys shown by their readable names (``METRIC_NAMES``: "image AUROC", "tune prompts
+    (s)"); metrics (``PERCENT_KEYS``, fractions in the rows) in percent with one decimal as every table prints them,
+    other numbers rounded to ``digits``.
 
     Args:
         columns: keys to show, in order; default every scalar key seen, in order of appearance.
         legend: a line under the table saying what the metrics shown mean (:func:`metric_legend`).
         set_apart: which rows to set apart (bold, shaded); default the "mean" rows, i.e. rows with a cell that
             reads "mean" (the macro mean under per-category rows).
+        title: what the table shows (None: no title, for a page that names it).
 
     Example:
         >>> fig = metrics_table_figure([{"category": "brick", "image_auroc": 0.5}, {"category": "mean", "image_auroc": 0.5}])
-        >>> list(fig.data[0].header.values), list(fig.data[0].cells.values[0])
-        (['category', 'image AUROC'], ['brick', '<b>mean</b>'])
+        >>> list(fig.data[0].header.values), list(fig.data[0].cells.values[0]), list(fig.data[0].cells.values[1])
+        (['category', 'image AUROC (%)'], ['brick', '<b>mean</b>'], ['50.0', '<b>50.0</b>'])
     """
     flat = []
     for row in rows:
@@ -419,10 +519,10 @@ def metrics_table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None 
     cells = []
     for column in columns:
         cells.append([f"<b>{text}</b>" if text and bold else text
-                      for text, bold in zip((format_metric(row.get(column), digits) for row in flat), apart)])
+                      for text, bold in zip((_table_text(row.get(column), column, digits) for row in flat), apart)])
     fills = [MEAN_FILL if bold else "white" for bold in apart]
-    note = metric_legend(columns) if legend else ""
-    fig = go.Figure(go.Table(header=dict(values=[metric_label(c) for c in columns], align="left",
+    note = metric_legend(columns, percent=True) if legend else ""
+    fig = go.Figure(go.Table(header=dict(values=[metric_axis_title(c) for c in columns], align="left",
                                          fill_color="#f0f0f0"),
                              cells=dict(values=cells, align="left", fill_color=[fills] * len(columns))))
     lines = _wrap(note, 90) if note else []
@@ -430,8 +530,17 @@ def metrics_table_figure(rows: Sequence[Mapping], columns: Sequence[str] | None 
     if lines:
         fig.add_annotation(text="<br>".join(lines), x=0, xanchor="left", xref="paper", y=0, yanchor="top",
                            yref="paper", yshift=-4, showarrow=False, align="left", font=dict(size=11, color="#555"))
-    fig.update_layout(height=height or 60 + 28 * (len(flat) + 1) + bottom, margin=dict(l=5, r=5, t=5, b=bottom))
+    top = _top_margin(title, panel_titles=False)
+    fig.update_layout(height=height or 55 + 28 * (len(flat) + 1) + top + bottom,
+                      margin=dict(l=5, r=5, t=top, b=bottom), title=_title(title))
     return fig
+
+
+def _table_text(value, column: str, digits: int) -> str:
+    """A table cell: a metric (a fraction) in percent with one decimal; anything else rounded to ``digits``."""
+    if column in PERCENT_KEYS and isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):
+        return format_metric(float(value) * 100, 1)
+    return format_metric(value, digits)
 
 
 def _is_mean_row(row: Mapping) -> bool:
@@ -556,6 +665,7 @@ def _is_scalar(value) -> bool:
 
 
 __all__ = ["image_figure", "anomaly_map_figure", "anomaly_map_grid", "perturbation_figure", "training_curves_figure",
-           "metrics_bar_figure", "metrics_table_figure", "score_histogram_figure", "map_range", "image_data_uri",
-           "image_to_uint8", "to_numpy", "metric_label", "metric_legend", "title_overlaps", "METRIC_NAMES",
-           "METRIC_MEANINGS"]
+           "metrics_bar_figure", "summary_bar_figure", "metrics_table_figure", "score_histogram_figure", "map_range",
+           "image_data_uri", "image_to_uint8", "to_numpy", "metric_label", "metric_legend", "metric_axis_title",
+           "percent_range", "error_bars", "summary_hover", "title_overlaps", "METRIC_NAMES", "METRIC_MEANINGS",
+           "PERCENT_KEYS", "MIN_SPAN"]

@@ -2,113 +2,99 @@
 
 The APT paper leaves open how detection varies with the level of the noise perturbation and the severity of
 anomalies, and names a failure signature: prompts that overfit to noise show high false-positive rates on normal
-images. This experiment measures both, per category::
+images. This experiment measures both, per category, as cells of the run store (``run_sweep(Plan(...,
+severity=Severity(...)))``, ``apt-lab severity``): one cell per (category, shots, seed, variant, row), a row being a
+perturbation at a strength or a real defect type of the test set::
 
-    train split ─ few_shot(train, k) ──────────────────────► k shots ─► tune_prompts (once)
-               └ every other train image, seeded shuffle ─┬► calibration half ─► threshold (apt_lab.thresholds)
-                 (at most ``held_out`` of them)            └► evaluation half: clean (negatives) and, for each kind
-                                                              and strength s, perturbed with (s, s) (positives)
-    test split ─ per defect type: its images (positives) vs the test normals (negatives), the same threshold
+    train split ─ few_shot(train, k) ─────────────────────► k shots ─► prepare_prompts (once per unit and tuning mix)
+               └ every other train image, seeded shuffle ─┬► calibration ─► threshold (apt_lab.thresholds)
+                 (at most ``held_out`` of them)            └► evaluation ─┐
+    test split ─ normal images, seeded shuffle ─┬► ``test_share`` of them ─┴► evaluation normals: clean (negatives)
+                                                │                             and, per row, perturbed with (s, s)
+                                                └► the rest ─► test rows: negatives against each defect type's images
 
-One row per (kind, strength) and per real defect type (kind ``"test:<defect>"``, strength None): image AUROC,
-pixel AUROC (masks from the perturbation, or the ground truth), and at the threshold the false-positive rate on
-normal images (the held-out evaluation normals; the test normals for test rows) and the detection rate of the
-anomalous ones. No test image is used to choose anything.
+**Which normal images go where** (the policy; every normal image has one role in a unit, so each rate is its own
+binomial sample). *Calibration*: the first half (with the odd one) of the held-out train images — the train images
+that are not shots, in a seeded order, at most ``held_out`` of them; these are the only images that choose the
+threshold, so no test image chooses anything. *Evaluation*: the other half of the held-out train images plus a
+seeded share ``test_share`` (default one half, rounded down, at most all but one) of the test set's *normal*
+images; they are every synthetic row's negatives and, perturbed, its positives. *Test rows*: each real defect
+type's images against the test normals not lent to evaluation. An anomalous test image is never used as a normal.
+Each cell records every set: ``shot_indices``, ``calibration`` and ``evaluation`` (train indices),
+``evaluation_test`` and ``test_normals`` (test indices). Fewer than :data:`MIN_NORMALS` calibration or evaluation
+normals give a :class:`FewNormalsWarning` naming the category and the counts, once per unit: a rate measured on n
+images moves in steps of 1/n. On the demo (8 train and 6 normal test images per category, 2 shots): 3 calibration,
+6 evaluation (3 + 3) and 3 test-row normals — before this policy 3, 3 and 6.
+
+A row gives image AUROC, pixel AUROC (masks from the perturbation, or the ground truth), and at the threshold the
+false-positive rate on its normal images and the detection rate of its anomalous ones, each with a 95 % Wilson
+interval (:func:`apt_lab.metrics.wilson_interval`; ``fpr_low``, ``fpr_high``, ``tpr_low``, ``tpr_high``, fractions).
+Each row draws its noise from a generator seeded with the cell's seed, so a row's numbers do not depend on which
+other rows run with it: other strengths extend a folder, and a resumed run gives the numbers of an uninterrupted one.
 
 **Strength** is what the generator takes (``config.perturb.strength`` becomes ``(s, s)``): the Gaussian's pixel std,
 the blend weight towards uniform noise, the salt-and-pepper fraction. Strength 0 leaves every image unchanged for
-the built-ins, so the detector cannot tell the two sets apart: image AUROC is exactly 0.5 (an unchanged image reuses
-its clean score — the score of an image depends only on its pixels). Every (kind, strength) row uses the same seed,
-so its anomalies sit in the same regions of the same images: the rows of a curve differ only in the noise.
+the built-ins, so image AUROC is exactly 0.5 (an unchanged image reuses its clean score).
 
-**Threshold** (``threshold=``): ``"quantile"`` (default) —
-:func:`apt_lab.thresholds.pixel_threshold` (a linear-interpolation quantile of any values) at ``1 − target_fpr`` of
-the calibration normals' image scores, normal images only; the evaluation FPR then estimates ``target_fpr`` and the
-detection rate is the number to read. ``"f1"`` — :func:`apt_lab.thresholds.choose_thresholds`' image threshold
-(best F1 between the calibration normals and their CFG copies, made as in training): the threshold APT itself
-would deploy, whose FPR on normal images shows noise overfitting.
+**Tuning** (``tune_on``): ``"mix"`` (default) tunes the prompts once per unit on the config's
+``perturb.generators``, so a kind outside the mix measures transfer to a scheme the prompts never trained on;
+``"kind"`` tunes each perturbation's rows on that kind alone (``perturb.generators=(kind,)``: one tuning per kind,
+its own threshold), and the test rows on the mix. Cells record what they were tuned with (``tuned_with``).
+
+**Threshold**: ``"quantile"`` (default) — the ``1 − target_fpr`` quantile of the calibration normals' image scores
+(:func:`apt_lab.thresholds.pixel_threshold`); the evaluation FPR then estimates ``target_fpr`` and the detection
+rate is the number to read. ``"f1"`` — :func:`apt_lab.thresholds.choose_thresholds`' image threshold (best F1
+between the calibration normals and their CFG copies): the threshold APT itself would deploy, whose FPR on normal
+images shows noise overfitting.
 
 Example (apt-tiny with random weights, 2 tuning steps):
+    >>> import warnings
     >>> import apt_lab
     >>> from apt_lab.config import APTConfig
     >>> b = apt_lab.load_backbone("apt-tiny")
-    >>> data = apt_lab.data.load_dataset("demo", category="brick")          # 8 train images: 2 shots, 3 + 3 held out
-    >>> result = severity(b, data, APTConfig.preset("quick", train__steps=2), [0, 1.0], kinds=["gaussian"])
-    >>> [(r["kind"], r["strength"], r["n_normal"], r["n_anomalous"]) for r in result.rows][:3]
-    [('gaussian', 0.0, 3, 3), ('gaussian', 1.0, 3, 3), ('test:hole', None, 6, 2)]
-    >>> result.rows[0]["image_auroc"]                                      # strength 0: nothing changed, chance
+    >>> data = apt_lab.data.load_dataset("demo", category="brick")          # 8 train images, 6 normal test images
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", FewNormalsWarning)               # the demo has fewer than 20 normals
+    ...     rows = severity(b, data, APTConfig.preset("quick", train__steps=2), [0, 1.0], kinds=["gaussian"])
+    >>> [(r["row"], r["n_normal"], r["n_anomalous"]) for r in rows][:3]
+    [(('gaussian', 0.0), 6, 6), (('gaussian', 1.0), 6, 6), (('test:hole', None), 3, 2)]
+    >>> rows[0]["metrics"]["image_auroc"]                                   # strength 0: nothing changed, chance
     0.5
 """
 from __future__ import annotations
 
-import csv
-import html
-import io
 import math
 import numbers
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import warnings
 from typing import Sequence
 
 import torch
 
 from . import metrics
-from .backbone import Backbone, load_backbone_from_config
+from .backbone import Backbone, ImageFeatures
 from .config import APTConfig
-from .data import Dataset, few_shot, list_categories, load_dataset
-from .data.files import atomic_write, check_name, make_folder, write_if_changed
+from .data import Dataset, few_shot
 from .features import FeatureStore
-from .pipeline import with_shots
 from .perturbations import list_perturbations, perturb
+from .pipeline import prepare_prompts, score_chunked, with_shots
 from .roi import region_of_interest
-from .scoring import build_memory, score
+from .store import Cell
 from .thresholds import choose_thresholds, pixel_threshold
-from .tuning import tune_prompts
 
-COLUMNS = ("category", "kind", "strength", "image_auroc", "pixel_auroc", "fpr_at_threshold", "tpr_at_threshold",
-           "threshold", "n_normal", "n_anomalous")
 THRESHOLDS = ("quantile", "f1")
-PLOTTED = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "fpr_at_threshold": "false-pos. rate",
-           "tpr_at_threshold": "detection rate"}  # what the report plots, and its titles
+TUNE_ON = ("mix", "kind")  # Severity.tune_on: the config's perturbation mix, or each row's own kind
+MIN_NORMALS = 20  # fewer calibration or evaluation normals than this: FewNormalsWarning (a rate moves in 1/n steps)
 
 
-@dataclass
-class SeverityResult:
-    """What :func:`severity` returns (one category) or :func:`run_severity` writes (several, merged).
-
-    Attributes:
-        rows: one dict per (category, kind, strength), keys :data:`COLUMNS`; strength None for ``test:`` rows.
-        scores: (category, kind, strength) → (normal (n,), anomalous (m,)) float32 image scores of that row.
-        thresholds: category → the image threshold; calibration_scores: category → (c,) the scores it came from.
-        settings: what was run (dataset, backbone, k, seed, threshold rule, the train indices of shots, calibration
-            and evaluation images per category, seconds).
-    """
-
-    rows: list[dict] = field(default_factory=list)
-    scores: dict = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)
-    calibration_scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-
-    @staticmethod
-    def merge(results: Sequence["SeverityResult"]) -> "SeverityResult":
-        """Several categories' results as one (settings: the first one's, with every category's entry)."""
-        if not results:
-            return SeverityResult()
-        out = SeverityResult(settings={**results[0].settings, "categories": {}})
-        for result in results:
-            out.rows += result.rows
-            out.scores.update(result.scores)
-            out.thresholds.update(result.thresholds)
-            out.calibration_scores.update(result.calibration_scores)
-            out.settings["categories"].update(result.settings.get("categories", {}))
-        return out
+class FewNormalsWarning(UserWarning):
+    """A severity unit has fewer than :data:`MIN_NORMALS` calibration or evaluation normal images."""
 
 
 # ------------------------------------------------------------------------------------------------ checks
 def check_request(strengths, kinds=None, threshold: str = "quantile", target_fpr: float = 0.05,
-                  held_out: int | None = None) -> tuple[tuple[float, ...], list[str]]:
+                  held_out: int | None = None, tune_on: str = "mix", test_share: float = 0.5
+                  ) -> tuple[tuple[float, ...], list[str]]:
     """Validated ``(strengths ascending without repeats, kinds)``; ValueError naming the argument otherwise.
 
     Example:
@@ -120,9 +106,10 @@ def check_request(strengths, kinds=None, threshold: str = "quantile", target_fpr
     values = list(strengths)
     if not values:
         raise ValueError("strengths is empty: give at least one strength ≥ 0, e.g. [0, 0.1, 0.5, 1.0]")
-    bad = [s for s in values if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s < 0]
+    bad = [s for s in values if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s)
+           or not 0 <= s <= 10]
     if bad:
-        raise ValueError(f"strengths={values}: {bad} not a finite number ≥ 0 (strength is what the generator takes: "
+        raise ValueError(f"strengths={values}: {bad} not a number from 0 to 10 (strength is what the generator takes: "
                          "the Gaussian's std, the uniform blend weight, the salt-and-pepper fraction; 0 = unchanged)")
     pixel, registered = list_perturbations("pixel"), list_perturbations()
     names = pixel if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
@@ -140,6 +127,12 @@ def check_request(strengths, kinds=None, threshold: str = "quantile", target_fpr
                              or held_out < 2):
         raise ValueError(f"held_out={held_out!r}: must be None (every non-shot train image) or an int ≥ 2 (one half "
                          "calibrates the threshold, the other is evaluated)")
+    if tune_on not in TUNE_ON:
+        raise ValueError(f"tune_on={tune_on!r}; choose one of {TUNE_ON} (mix: the config's perturb.generators; "
+                         "kind: each perturbation's rows tuned on that kind alone)")
+    if isinstance(test_share, bool) or not isinstance(test_share, numbers.Real) or not 0 <= test_share < 1:
+        raise ValueError(f"test_share={test_share!r}: must lie in [0, 1), the share of the test normals that joins the "
+                         "evaluation normals (the test rows keep the rest), e.g. 0.5")
     return tuple(sorted({float(s) for s in values})), list(dict.fromkeys(names))
 
 
@@ -149,6 +142,7 @@ def split_held_out(dataset: Dataset, k: int, seed: int, held_out: int | None = N
     seeded order (the first ``held_out`` of them), split into halves (calibration gets the odd one).
 
     Example:
+        >>> from apt_lab.data import load_dataset
         >>> shots, calibration, evaluation = split_held_out(load_dataset("demo", category="brick"), k=2, seed=0)
         >>> len(shots), len(calibration), len(evaluation), sorted(shots + calibration + evaluation) == list(range(8))
         (2, 3, 3, True)
@@ -166,207 +160,159 @@ def split_held_out(dataset: Dataset, k: int, seed: int, held_out: int | None = N
     return list(shots), sorted(rest[:half]), sorted(rest[half:])
 
 
+def split_test_normals(dataset: Dataset, seed: int, test_share: float = 0.5) -> tuple[list[int], list[int]]:
+    """(lent to the evaluation normals, kept for the test rows): test indices of *normal* images only — a seeded
+    draw of ``⌊test_share × normals⌋`` of them (at most all but one) and the rest.
+
+    Example (the demo's 6 normal test images are its first 6):
+        >>> from apt_lab.data import load_dataset
+        >>> lent, kept = split_test_normals(load_dataset("demo", category="brick"), seed=0)
+        >>> len(lent), len(kept), sorted(lent + kept) == [0, 1, 2, 3, 4, 5]
+        (3, 3, True)
+    """
+    normal = [i for i, label in enumerate(dataset.test.labels.tolist()) if label == 0]
+    lend = min(math.floor(len(normal) * test_share + 1e-9), max(len(normal) - 1, 0))
+    order = torch.randperm(len(normal), generator=torch.Generator().manual_seed(seed)).tolist()
+    drawn = [normal[i] for i in order]
+    return sorted(drawn[:lend]), sorted(drawn[lend:])
+
+
+def tuning_generators(generators: Sequence[str], tune_on: str, row: tuple | None) -> tuple[str, ...]:
+    """The perturbations a row's prompts are tuned with: the config's ``generators``, or with ``tune_on="kind"`` a
+    perturbation row's own kind (test rows keep the mix).
+
+    Example:
+        >>> mix = ("gaussian", "uniform", "salt_pepper")
+        >>> tuning_generators(mix, "kind", ("uniform", 0.5)), tuning_generators(mix, "kind", ("test:hole", None))
+        (('uniform',), ('gaussian', 'uniform', 'salt_pepper'))
+    """
+    return (row[0],) if tune_on == "kind" and row is not None and row[1] is not None else tuple(generators)
+
+
+def warn_few_normals(category: str, k: int, seed: int, calibration: int, evaluation: int, test_rows: int) -> None:
+    """:class:`FewNormalsWarning` when fewer than :data:`MIN_NORMALS` calibration or evaluation normals remain."""
+    if min(calibration, evaluation) < MIN_NORMALS:
+        warnings.warn(f"severity {category} (k={k}, seed={seed}): {calibration} calibration and {evaluation} "
+                      f"evaluation normal images (the test rows: {test_rows}), fewer than MIN_NORMALS = {MIN_NORMALS}. "
+                      f"A rate of n images moves in steps of 1/n ({100 / max(evaluation, 1):.0f} % here): read the "
+                      "95 % intervals beside each rate, or give more normal images (more train images, held_out=None, "
+                      "a larger test_share).", FewNormalsWarning, stacklevel=3)
+
+
 # ------------------------------------------------------------------------------------------ the experiment
 def severity(backbone: Backbone, dataset: Dataset, config: APTConfig, strengths: Sequence[float],
-             kinds: Sequence[str] | None = None, k: int | None = None, seed: int | None = None,
-             held_out: int | None = None, threshold: str = "quantile", target_fpr: float = 0.05,
-             store: FeatureStore | None = None, progress: bool = False) -> SeverityResult:
-    """Tune once on ``dataset`` (one category), then measure detection against strength (see the module docstring).
+             kinds: Sequence[str] | None = None, store: FeatureStore | None = None, **settings) -> list[dict]:
+    """Every row of one category (``config.train.k_shot`` shots, ``config.train.seed``), outside any run folder:
+    each a dict with ``row`` (perturbation, strength), ``metrics``, ``n_normal``, ``n_anomalous`` and the indices.
+    ``settings``: the other fields of :class:`apt_lab.sweep.Severity` (threshold, target_fpr, held_out, tune_on,
+    test_share)."""
+    from .sweep import Severity
 
-    Args:
-        strengths: what the generators take, each ≥ 0 (sorted, repeats dropped); 0 = unchanged images.
-        kinds: registered pixel-space perturbations; None = all of them (``list_perturbations("pixel")``).
-        k: shots, overriding ``config.train.k_shot``.
-        seed: overriding ``config.train.seed``; it also draws the held-out split and the perturbations.
-        held_out: at most this many non-shot train images (a seeded draw); None = all.
-        threshold: ``"quantile"`` (1 − ``target_fpr`` quantile of calibration normal scores) or ``"f1"``.
-        store: features of this category's images (a run's store: nothing is encoded twice).
-    """
-    strengths, kinds = check_request(strengths, kinds, threshold, target_fpr, held_out)
-    config = with_shots(config, k, seed)
-    k, seed, radius = config.train.k_shot, config.train.seed, config.score.locality_radius
-    shots, calibration, evaluation = split_held_out(dataset, k, seed, held_out)
+    spec = Severity(tuple(strengths), None if kinds is None else (kinds,) if isinstance(kinds, str) else tuple(kinds),
+                    **settings)
+    strengths, kinds = check_request(spec.strengths, spec.perturbations, spec.threshold, spec.target_fpr,
+                                     spec.held_out, spec.tune_on, spec.test_share)
+    k, seed = config.train.k_shot, config.train.seed
+    defects = sorted({d for d, label in zip(dataset.test.defects, dataset.test.labels.tolist()) if label})
+    rows = [(kind, s) for kind in kinds for s in strengths] + [(f"test:{d}", None) for d in defects]
+    cells = [Cell(dataset.category, k, seed, "apt", row) for row in rows]
     store = store or FeatureStore(backbone, config.score.batch_size)
-    category, start = dataset.category, time.perf_counter()
-
-    tuned = tune_prompts(backbone, store.images(dataset.train, shots).to(backbone.device), config, progress=progress,
-                         shot_features=store.features(dataset.train, shots, radius))  # the store's: no second pass
-    if tuned.interrupted:
-        raise KeyboardInterrupt(f"tuning of {category} was interrupted; nothing was measured")
-    prompts, tune_s = tuned.prompts, time.perf_counter() - start
-    memory = build_memory(backbone, store.features(dataset.train, shots, radius), config) if config.score.memory \
-        else None
-
-    def scored(images):  # pixels (B, 3, S, S) or features → image scores (B,), maps (B, S, S), float32 on the CPU
-        out = score(backbone, prompts, images, config, memory=memory)
-        return out.image_scores, out.anomaly_maps
-
-    start = time.perf_counter()
-    if threshold == "quantile":
-        calibration_scores = scored(store.features(dataset.train, calibration, radius))[0]  # (c,)
-        cut = pixel_threshold(calibration_scores, 1 - target_fpr)
-    else:  # "f1": calibration normals vs their CFG copies made as in training, seeded
-        chosen = choose_thresholds(backbone, prompts, store.images(dataset.train, calibration).to(backbone.device),
-                                   config, torch.Generator().manual_seed(seed))
-        calibration_scores, cut = chosen.normal_scores.image_scores, chosen.image
-    result = SeverityResult(thresholds={category: cut}, calibration_scores={category: calibration_scores})
-
-    def add(kind, strength, normal, anomalous, maps, masks):
-        """One row: normal (n,) / anomalous (m,) image scores; maps (n+m, S, S) and bool masks, or None."""
-        labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])  # (n+m,)
-        both = len(normal) and len(anomalous)
-        result.rows.append({
-            "category": category, "kind": kind, "strength": strength,
-            "image_auroc": metrics.image_auroc(torch.cat([normal, anomalous]), labels) if both else None,
-            "pixel_auroc": metrics.pixel_auroc(maps, masks) if masks is not None and masks.any() else None,
-            "fpr_at_threshold": float((normal >= cut).float().mean()) if len(normal) else None,
-            "tpr_at_threshold": float((anomalous >= cut).float().mean()), "threshold": cut,
-            "n_normal": len(normal), "n_anomalous": len(anomalous)})
-        result.scores[(category, kind, strength)] = (normal, anomalous)
-
-    pixels = store.images(dataset.train, evaluation).to(backbone.device)  # (n, 3, S, S)
-    features = store.features(dataset.train, evaluation, radius)
-    clean, clean_maps = scored(features)  # (n,), (n, S, S)
-    roi = region_of_interest(backbone, pixels, config, features=features if radius == 0 else None)  # (n, S, S)
-    for kind in kinds:
-        for strength in strengths:
-            cfg = config.replace(perturb__generators=(kind,), perturb__strength=(strength, strength))
-            out = perturb(pixels, cfg, torch.Generator().manual_seed(seed), roi=roi, backbone=backbone)
-            changed = (out.images != pixels).flatten(1).any(1).cpu()  # (n,) an unchanged image keeps its clean score
-            anomalous, maps = clean.clone(), clean_maps.clone()  # (n,), (n, S, S)
-            if changed.any():
-                anomalous[changed], maps[changed] = scored(out.images[changed.to(pixels.device)])
-            masks = torch.cat([torch.zeros_like(out.masks), out.masks]).cpu()  # (2n, S, S) clean first
-            add(kind, strength, clean, anomalous, torch.cat([clean_maps, maps]), masks)
-
-    test = dataset.test
-    labels = test.labels  # (T,)
-    if bool((labels == 1).any()):  # the real defect types, where the dataset has them
-        test_scores, test_maps = scored(store.features(test, None, radius))  # (T,), (T, S, S)
-        test_masks = test.masks(backbone.image_size)  # (T, S, S) bool, or None without masks
-        normal = labels == 0  # (T,)
-        for defect in sorted({d for d, label in zip(test.defects, labels.tolist()) if label == 1}):
-            rows = normal | (torch.tensor([d == defect for d in test.defects], device=labels.device) & (labels == 1))  # (T,)
-            add(f"test:{defect}", None, test_scores[normal], test_scores[rows & ~normal], test_maps[rows],
-                None if test_masks is None else test_masks[rows])
-    result.settings = {
-        "dataset": dataset.name, "backbone": backbone.name, "pretrained": bool(backbone.pretrained_loaded),
-        "image_size": backbone.image_size, "config": config.name, "k": k, "seed": seed, "threshold": threshold,
-        "target_fpr": target_fpr if threshold == "quantile" else None, "kinds": kinds, "strengths": list(strengths),
-        "categories": {category: {"shots": shots, "calibration": calibration, "evaluation": evaluation,
-                                  "tune_s": round(tune_s, 3), "score_s": round(time.perf_counter() - start, 3)}}}
-    return result
+    return [{"row": cell.row, **record} for cell, record in severity_rows(backbone, dataset, config, spec, cells,
+                                                                           store)]
 
 
-def run_severity(dataset_name: str, config: APTConfig, strengths: Sequence[float], kinds: Sequence[str] | None = None,
-                 categories: Sequence[str] | None = None, root: str | None = None, k: int | None = None,
-                 seed: int | None = None, out: str | Path = "runs", name: str | None = None,
-                 held_out: int | None = None, threshold: str = "quantile", target_fpr: float = 0.05,
-                 backbone: Backbone | None = None, progress: bool = False) -> Path:
-    """:func:`severity` on every category of a dataset, written to ``<out>/<name>/`` (:func:`write_severity`).
-
-    Everything is checked before the backbone loads: strengths, kinds, threshold, the config, each category's
-    files and that k shots leave at least 2 held-out train images. The default name is
-    ``<dataset>-<config name>-severity-k<k>-s<seed>``. The files are rewritten after every category (an interrupted
-    run keeps the finished categories; it does not resume). Returns the folder.
-    """
-    check_request(strengths, kinds, threshold, target_fpr, held_out)
+def severity_rows(backbone: Backbone, dataset: Dataset, config: APTConfig, spec, cells: Sequence[Cell],
+                  store: FeatureStore):
+    """(cell, record) for each of ``cells`` — rows of one (category, shots, seed, variant) unit, tuned once per
+    perturbation mix they tune with (:func:`tuning_generators`) — as each is measured (a run appends it at once).
+    ``spec``: :class:`apt_lab.sweep.Severity`."""
+    k, seed = cells[0].shots, cells[0].seed
     config = with_shots(config, k, seed)
-    names = [check_name(c) for c in dict.fromkeys(categories or list_categories(dataset_name, root))]
-    datasets = [load_dataset(dataset_name, root=root, category=c) for c in names]
-    for dataset in datasets:
-        split_held_out(dataset, config.train.k_shot, config.train.seed, held_out)  # enough held-out images?
-        if bool((dataset.test.labels == 1).any()) and bool((dataset.test.labels == 0).any()):
-            dataset.check(config.train.k_shot)  # mask sizes, before any tuning
-    folder = Path(out) / check_name(
-        name or f"{dataset_name}-{config.name}-severity-k{config.train.k_shot}-s{config.train.seed}", "run name")
-    backbone = backbone or load_backbone_from_config(config, fallback_to_random=True)
-    results = []
-    for dataset in datasets:
-        if progress:
-            print(f"[{dataset.category}] severity: {len(dataset.train)} train / {len(dataset.test)} test images",
-                  flush=True)
-        store = FeatureStore(backbone, config.score.batch_size)  # this category's features, encoded once
-        results.append(severity(backbone, dataset, config, strengths, kinds, held_out=held_out, threshold=threshold,
-                                target_fpr=target_fpr, store=store, progress=progress))
-        write_severity(folder, SeverityResult.merge(results))  # after every category: Ctrl-C keeps the finished ones
-    return folder
+    radius = config.score.locality_radius
+    shots, calibration, evaluation = split_held_out(dataset, k, seed, spec.held_out)
+    lent, kept = split_test_normals(dataset, seed, spec.test_share)
+    warn_few_normals(dataset.category, k, seed, len(calibration), len(evaluation) + len(lent), len(kept))
+    common = {"shot_indices": shots, "calibration": calibration, "evaluation": evaluation, "evaluation_test": lent,
+              "test_normals": kept, "artefacts": []}
+    groups: dict[tuple[str, ...], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(tuning_generators(config.perturb.generators, spec.tune_on, cell.row), []).append(cell)
+    normals = test = None  # shared by every tuning: the evaluation normals' inputs, the test set's
+    for generators, group in groups.items():
+        tuned = config.replace(perturb__generators=generators)
+        start = time.perf_counter()
+        prompts, _, memory = prepare_prompts(backbone, dataset, tuned, "apt", shots, store)
+        tune_s = time.perf_counter() - start
+
+        def scored(inputs, prompts=prompts, memory=memory, tuned=tuned):  # features or pixels (B, 3, S, S)
+            image_scores, maps = score_chunked(backbone, prompts, inputs, tuned, memory)  # (B,), (B, S, S)
+            return image_scores, maps.float()
+
+        if spec.threshold == "quantile":
+            calibration_scores = scored(store.features(dataset.train, calibration, radius))[0]  # (c,)
+            cut = pixel_threshold(calibration_scores, 1 - spec.target_fpr)
+        else:  # "f1": calibration normals vs their CFG copies made as in training, seeded
+            cut = choose_thresholds(backbone, prompts, store.images(dataset.train, calibration).to(backbone.device),
+                                    tuned, torch.Generator().manual_seed(seed)).image
+        clean = scored_test = None
+        for cell in group:
+            kind, strength = cell.row
+            start = time.perf_counter()
+            if strength is not None:
+                if normals is None:  # evaluation normals, train then test: pixels (n, 3, S, S), features, roi (n, S, S)
+                    parts = [(dataset.train, evaluation), *([(dataset.test, lent)] if lent else [])]
+                    pixels = torch.cat([store.images(split, indices) for split, indices in parts]).to(backbone.device)
+                    features = ImageFeatures.cat([store.features(split, indices, radius) for split, indices in parts])
+                    normals = (pixels, features, region_of_interest(backbone, pixels, config,
+                                                                    features=features if radius == 0 else None))
+                pixels, features, roi = normals
+                if clean is None:  # this tuning's scores of the clean evaluation normals: (n,), maps (n, S, S)
+                    clean = scored(features)
+                clean_scores, clean_maps = clean
+                cfg = config.replace(perturb__generators=(kind,), perturb__strength=(strength, strength))
+                out = perturb(pixels, cfg, torch.Generator().manual_seed(seed), roi=roi, backbone=backbone)
+                changed = (out.images != pixels).flatten(1).any(1).cpu()  # (n,) an unchanged image keeps its score
+                anomalous, maps = clean_scores.clone(), clean_maps.clone()  # (n,), (n, S, S)
+                if changed.any():
+                    anomalous[changed], maps[changed] = scored(out.images[changed.to(pixels.device)])
+                masks = torch.cat([torch.zeros_like(out.masks), out.masks]).cpu()  # (2n, S, S) clean first
+                measured = _measure(clean_scores, anomalous, torch.cat([clean_maps, maps]), masks, cut)
+            else:
+                if test is None:  # the test set: masks (T, S, S) or None, the normals kept for the test rows (T,)
+                    normal = torch.zeros(len(dataset.test), dtype=torch.bool)
+                    normal[kept] = True
+                    test = (dataset.test.masks(backbone.image_size), normal)
+                if scored_test is None:  # this tuning's scores of the whole test set: (T,), maps (T, S, S)
+                    scored_test = scored(store.features(dataset.test, None, radius))
+                (test_masks, normal), (test_scores, test_maps) = test, scored_test
+                defect = torch.tensor([d == kind[len("test:"):] for d in dataset.test.defects]) \
+                    & (dataset.test.labels == 1)  # (T,)
+                chosen = normal | defect
+                measured = _measure(test_scores[normal], test_scores[defect], test_maps[chosen],
+                                    None if test_masks is None else test_masks[chosen], cut)
+            yield cell, {**common, **measured,
+                         "timings": {"tune_s": round(tune_s, 3), "row_s": round(time.perf_counter() - start, 3)}}
+            tune_s = 0.0  # tuned once for the group: later rows cost only their own measurement
 
 
-# -------------------------------------------------------------------------------------------------- files
-def severity_csv(rows: Sequence[dict]) -> str:
-    """The rows as CSV text, columns :data:`COLUMNS`, numbers with 6 decimals, empty for None."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([metrics.format_metric(row[c], 6) for c in COLUMNS])
-    return buffer.getvalue()
+def _rate(hits: torch.Tensor) -> tuple:
+    """(rate, low, high) of a bool (n,): the share that is True and its 95 % Wilson interval; Nones for n = 0."""
+    if not len(hits):
+        return None, None, None
+    count = int(hits.sum())
+    return (count / len(hits), *metrics.wilson_interval(count, len(hits)))
 
 
-def severity_figure(rows: Sequence[dict], plotted: dict[str, str] = PLOTTED):
-    """Each metric against strength, one line per kind, one row of panels per category; the mean over the real
-    test defect types (where there are any) as a dashed grey line."""
-    import plotly.graph_objects as go
-    from plotly.colors import qualitative
-    from plotly.subplots import make_subplots
-
-    categories = list(dict.fromkeys(r["category"] for r in rows))
-    kinds = list(dict.fromkeys(r["kind"] for r in rows if r["strength"] is not None))
-    strengths = [r["strength"] for r in rows if r["strength"] is not None] or [0.0]
-    fig = make_subplots(rows=len(categories), cols=len(plotted), shared_xaxes=True,
-                        vertical_spacing=0.3 / len(categories),
-                        subplot_titles=[f"{c}<br>{title}" for c in categories for title in plotted.values()])
-    fig.update_annotations(font_size=13)  # two short lines per panel title: they fit four panels at 700 px
-    for i, category in enumerate(categories):
-        for j, metric in enumerate(plotted):
-            place = dict(row=i + 1, col=j + 1)
-            for n, kind in enumerate(kinds):
-                points = sorted((r["strength"], r[metric]) for r in rows if r["category"] == category
-                                and r["kind"] == kind and r[metric] is not None)
-                fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
-                                         name=kind, legendgroup=kind, showlegend=i == 0 and j == 0,
-                                         line=dict(color=qualitative.Plotly[n % len(qualitative.Plotly)])), **place)
-            real = [r[metric] for r in rows if r["category"] == category and r["strength"] is None
-                    and r[metric] is not None]
-            if real:
-                fig.add_trace(go.Scatter(x=[min(strengths), max(strengths)], y=[sum(real) / len(real)] * 2,
-                                         mode="lines", name="test defects (mean)", legendgroup="test",
-                                         showlegend=i == 0 and j == 0, line=dict(color="grey", dash="dash")), **place)
-    fig.update_yaxes(range=[-0.03, 1.03])
-    fig.update_xaxes(title_text="strength", row=len(categories))
-    fig.update_layout(height=240 * len(categories) + 120, margin=dict(t=60, b=40))
-    return fig
-
-
-def write_severity(folder: str | Path, result: SeverityResult) -> Path:
-    """``severity.csv`` and ``severity.html`` (the plot and the table; plotly.js beside it, so it opens offline)
-    into ``folder``, each through a temporary file and an atomic rename, never through a link. Returns the folder."""
-    from plotly.offline import get_plotlyjs
-
-    folder = make_folder(folder)
-    text = severity_csv(result.rows)
-    atomic_write("severity.csv", lambda tmp: tmp.write_text(text), folder)
-    s = result.settings
-    rule = (f"the {1 - s['target_fpr']:g} quantile of the calibration normals' image scores" if s.get("threshold") ==
-            "quantile" else "best F1 between calibration normals and their CFG copies")
-    parts = [f"<h1>Severity: {html.escape(str(s.get('dataset')))}</h1>",
-             f"<p>Backbone <b>{html.escape(str(s.get('backbone')))}</b>, config {html.escape(str(s.get('config')))}, "
-             f"k = {s.get('k')} shots, seed {s.get('seed')}. Threshold: {rule}, chosen without the test set. "
-             "Synthetic rows: held-out normal train images, clean vs perturbed; <code>test:</code> rows: the real "
-             "defect types vs the test normals. Strength 0 leaves the images unchanged (image AUROC 0.5).</p>"]
-    if not s.get("pretrained", True):
-        parts.append("<p class='warn'>RANDOM weights: these numbers measure the pipeline, not APT's accuracy.</p>")
-    parts.append(severity_figure(result.rows).to_html(full_html=False, include_plotlyjs="directory",
-                                                      div_id="severity"))
-    head = "".join(f"<th>{c}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(metrics.format_metric(r[c], 4))}</td>" for c in COLUMNS)
-                   + "</tr>" for r in result.rows)
-    parts.append(f"<table><tr>{head}</tr>{body}</table>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>apt_lab severity</title><style>"
-            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}.warn{background:#fee;border:2px solid #c00;"
-            "padding:1em;font-weight:bold}</style></head><body>" + "\n".join(parts) + "</body></html>")
-    atomic_write("severity.html", lambda tmp: tmp.write_text(page), folder)
-    write_if_changed("plotly.min.js", get_plotlyjs(), folder)
-    return folder
+def _measure(normal: torch.Tensor, anomalous: torch.Tensor, maps: torch.Tensor, masks, cut: float) -> dict:
+    """One row's numbers: normal (n,) / anomalous (m,) image scores, maps (n+m, S, S) and bool masks (n+m, S, S) in
+    one order, or masks None."""
+    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])  # (n+m,)
+    both = len(normal) and len(anomalous)
+    fpr, fpr_low, fpr_high = _rate(normal >= cut)
+    tpr, tpr_low, tpr_high = _rate(anomalous >= cut)
+    return {"metrics": {
+        "image_auroc": metrics.image_auroc(torch.cat([normal, anomalous]), labels) if both else None,
+        "pixel_auroc": metrics.pixel_auroc(maps, masks) if masks is not None and masks.any() else None,
+        "fpr_at_threshold": fpr, "fpr_low": fpr_low, "fpr_high": fpr_high,
+        "tpr_at_threshold": tpr, "tpr_low": tpr_low, "tpr_high": tpr_high, "threshold": float(cut)},
+        "n_normal": len(normal), "n_anomalous": len(anomalous), "n_test": len(normal) + len(anomalous)}

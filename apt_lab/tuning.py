@@ -69,6 +69,7 @@ class TuneResult:
     config: APTConfig | None = None
     categories: list[str] | None = None
     initial_prompts: PromptLearner | None = None
+    roi_coverage: float | None = None  # fraction of the image the shots' regions of interest cover (1 = everywhere)
 
     def curve(self, key: str = "loss") -> list[float | None]:
         """One history key as a list, e.g. ``result.curve("meta_drift")``."""
@@ -194,6 +195,14 @@ class _Data:
         reuse = self.config.score.locality_radius == 0  # the cached clean features are plain encoder outputs then
         return [region_of_interest(self.backbone, g, self.config, features=f if reuse else None)
                 for g, f in zip(self.groups, self.clean_features)]
+
+    def coverage(self) -> float:
+        """The fraction of the image the regions of interest cover, mean over the shots the pool draws from (its
+        expectation: pool images draw their shots uniformly); 1.0 where CFG may go anywhere.
+
+        A texture's region covers the whole image, so there ROI on and off compute the same thing."""
+        covered = [1.0 if r is None else float(r.float().mean()) for r in self.rois]  # one per shot group
+        return round(sum(covered) / len(covered), 6)
 
     def build_pool(self, size: int) -> Examples:
         t0 = time.perf_counter()
@@ -397,6 +406,7 @@ def tune_prompts(backbone, shots, config: APTConfig, callbacks: Sequence[Callabl
     result = _new_result(backbone, shots, config, categories)  # seeded prompts, their frozen copy, meta-prompt
     learner, meta, timings = result.prompts, result.meta, result.timings
     data = training_data(backbone, shots, config, roi, categories, timings, shot_features)  # clean shots + pool, seeded
+    result.roi_coverage = data.coverage()
     held_out = None
     if config.smgs.update == "periodic":  # anomalies never trained on, for the re-anchoring decision
         held_out = Examples.cat([data.build_pool(max(1, config.smgs.heldout_size)), data.clean])

@@ -20,6 +20,12 @@
    parenthesis stays in the section's title.
 4. **One published address.** ``repo_url`` and ``repo_name`` (the repository link in the header) are read from
    ``release.json``, the file the notebooks' badges and install cells are stamped from.
+5. **Sphinx roles become links.** Docstrings write ``:func:`tune_prompts``` (Sphinx's roles), which markdown
+   would print as is. :class:`RolesAsLinks`, a griffe extension (``extensions:`` in mkdocs.yml), rewrites each
+   role before the docstring is rendered into an autorefs cross-reference to the object's full path, resolving the
+   name as Python would from where the docstring stands (its class, its module, the package). A name that resolves
+   to nothing, or to an object on no page (private, or an attribute without a docstring), stays plain code, so the
+   strict build never fails on a role.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ import re
 import shutil
 from pathlib import Path
 
+from griffe import Extension
+
 log = logging.getLogger("mkdocs.hooks.apt_lab")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +46,7 @@ EXECUTED = ROOT / ".cache" / "docs-notebooks"  # gitignored (.cache/)
 HOOK_VERSION = "2"  # bump to re-execute every notebook after changing how outputs are processed
 KERNEL_ENV = {"APT_LAB_QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "APT_LAB_SOLUTIONS": "0",
               "PLOTLY_RENDERER": "plotly_mimetype"}  # figures as JSON only: this hook writes their HTML
-RELEASE_FILE = ROOT / "release.json"  # {"repository": "owner/name", "ref": "v0.2.0", ...}
+RELEASE_FILE = ROOT / "release.json"  # {"repository": "owner/name", "ref": "main", ...}
 SOLUTION_TAG = "solution"
 CELL_TIMEOUT_S = 600
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -96,6 +104,58 @@ def on_startup(command, dirty):  # noqa: ARG001 - mkdocs hook signature
         google._RE_ADMONITION = _ExampleTitles(google._RE_ADMONITION)
 
 
+# ---------------------------------------------------------------------------------------- 5. roles
+ROLE = re.compile(r":(?:func|mod|meth|class|data|attr|exc|obj):`(?P<short>~?)(?P<name>[\w.]+)`")
+
+
+def role_target(obj, name: str) -> str | None:
+    """The full path of ``name`` as a docstring of ``obj`` means it, or None: ``name`` relative to ``obj``, then to
+    each object around it up to its package, then as a full path (``apt_lab.tuning.tune_prompts``)."""
+    scopes = []
+    while obj is not None:
+        scopes.append(obj)
+        obj = obj.parent
+    for scope in [*scopes, scopes[-1].modules_collection]:
+        try:
+            found = scope[name]
+        except Exception:  # noqa: BLE001 - griffe raises KeyError, ValueError or an alias error for a miss
+            continue
+        try:
+            return found.canonical_path  # an imported name: where it is defined (and documented)
+        except Exception:  # noqa: BLE001 - an alias to a package griffe did not load
+            return found.target_path if found.is_alias else found.path
+    return None
+
+
+def roles_as_links(obj, text: str) -> str:
+    """``text`` (a docstring of ``obj``) with each Sphinx role replaced by a cross-reference, or by plain code when
+    the name resolves to nothing. ``optional``: autorefs shows an object that has no anchor on any page (a private
+    function, an attribute without a docstring) as plain code instead of failing the build."""
+    def link(found: re.Match) -> str:
+        name = found["name"]
+        shown = f"`{name.rsplit('.', 1)[-1] if found['short'] else name}`"
+        target = role_target(obj, name)
+        if target is None:
+            return shown
+        return f'<autoref identifier="{target}" optional>{shown}</autoref>'
+
+    return ROLE.sub(link, text)
+
+
+class RolesAsLinks(Extension):
+    """Griffe extension: every docstring of a loaded package with its Sphinx roles as cross-references."""
+
+    def on_package(self, *, pkg, **kwargs) -> None:  # noqa: ARG002 - griffe's hook signature
+        pending = [pkg]
+        while pending:
+            obj = pending.pop()
+            if obj.docstring is not None:
+                obj.docstring.value = roles_as_links(obj, obj.docstring.value)
+            pending += [member for member in obj.members.values() if not member.is_alias]
+
+    on_package_loaded = on_package  # griffe 1 calls it so
+
+
 # ---------------------------------------------------------------------------------------- 1. notebooks
 def _fingerprint() -> str:
     """What an executed notebook depends on besides itself: apt_lab's sources and data files, and this hook."""
@@ -119,11 +179,34 @@ def docs_outputs(nb) -> None:
                 continue
             if PLOTLY_MIME in data:
                 figure = pio.from_json(json.dumps(data.pop(PLOTLY_MIME)), skip_invalid=True)
-                data["text/html"] = pio.to_html(figure, include_plotlyjs=False, full_html=False,
-                                                config={"responsive": True})
+                if figure.data and all(trace.type == "table" for trace in figure.data):
+                    data["text/html"] = table_html(figure)
+                else:
+                    data["text/html"] = pio.to_html(figure, include_plotlyjs=False, full_html=False,
+                                                    config={"responsive": True})
             if WIDGET_VIEW in data and "text/html" in data:  # no kernel on the page: show the static copy
                 del data[WIDGET_VIEW]
     nb.metadata.pop("widgets", None)
+
+
+def table_html(figure) -> str:
+    """A plotly table figure as an HTML table, its title above and its note (an annotation) under it. A plotly
+    table has the height its figure was given, sized for one line per cell; in the docs' narrow column cells wrap,
+    and the last rows were cut off. An HTML table grows with its rows."""
+    title = figure.layout.title.text
+    parts = [f"<p><b>{title}</b></p>"] if title else []
+    for trace in figure.data:
+        header = "".join(f"<th>{value}</th>" for value in trace.header.values)
+        fills = trace.cells.fill.color  # one list per column (of one colour per row), or one colour
+        fills = fills[0] if isinstance(fills, (list, tuple)) and fills else fills
+        rows = []
+        for index, row in enumerate(zip(*trace.cells.values)):
+            fill = fills[index] if isinstance(fills, (list, tuple)) else fills
+            style = f' style="background-color: {fill}"' if fill and fill != "white" else ""
+            rows.append(f"<tr{style}>" + "".join(f"<td>{value}</td>" for value in row) + "</tr>")
+        parts.append(f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    parts += [f"<p><small>{note.text.replace('<br>', ' ')}</small></p>" for note in figure.layout.annotations]
+    return '<div class="apt-lab-table">' + "\n".join(parts) + "</div>"
 
 
 def executed_copy(source: Path, fingerprint: str) -> Path:

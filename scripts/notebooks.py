@@ -10,11 +10,13 @@ change on every run; nbval executes the notebooks from clean in ``make test``). 
 text, its other cells, cell ids, JupyterLab's cell metadata) is left alone.
 
 Without ``--check`` it fixes the notebooks in place; with ``--check`` it changes nothing and exits 1, naming
-each notebook and what differs.
+each notebook and what differs. ``--check`` looks for outputs in the copy git holds (the index: what the next
+commit stores), not in the working tree, where JupyterLab's autosave writes them while you work; outside a git
+checkout, or for an untracked notebook, it reads the file.
 
-The published address — GitHub repository and git ref (release tag) — is read from ``release.json`` at the
-repository root, the one place it is written. A release or a course fork edits that file and runs this script;
-README.md ("Publishing a release") has the steps.
+The published address — GitHub repository and git ref (a branch, or a release tag once it is pushed) — is read
+from ``release.json`` at the repository root, the one place it is written. A release or a course fork edits that
+file and runs this script; README.md ("Publishing a release") has the steps.
 
 Solution cells (tagged ``solution``) start with the SOLUTION_HEADER comment, run their body only
 ``if session.solutions:`` (off for a reader's Run All, on under the tests: ``apt_lab.notebook.choose_solutions``),
@@ -27,6 +29,7 @@ import argparse
 import difflib
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,22 +67,29 @@ BADGE = (BADGE_START + "(https://colab.research.google.com/assets/colab-badge.sv
 # A link to a file of this repository at some ref, e.g. https://github.com/apt-lab/apt_lab/blob/v0.2.0/docs/method.md
 REPO_LINK = re.compile(r"https://github\.com/([\w.-]+/[\w.-]+)/(blob|tree)/([\w.-]+)/([\w./-]+)")
 
-# A visible `%pip install` pinned to the release. Colab imports some packages (ipywidgets, numpy, ...) when the
-# kernel starts; if pip changed one of those, the new version is used only after a restart, and the cell says so.
+# A visible `%pip install` pinned to the published ref. Colab imports some packages (ipywidgets, numpy, ...) when
+# the kernel starts; if pip changed one of those, the new version is used only after a restart, and the cell says
+# so. When pip fails (its message stays above), the cell stops with one line naming the ref and what to check.
 INSTALL = f'''# Colab only: install apt_lab from github.com/{REPO} at {REF}, the version these notebooks belong to.
 # Elsewhere nothing happens (in a clone: `make install`).
 import sys
 
 if "google.colab" in sys.modules:
-    from importlib.metadata import packages_distributions, version
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
     loaded = {{d: version(d) for m, ds in packages_distributions().items() if m in sys.modules for d in ds}}
     %pip install "apt-lab @ git+https://github.com/{REPO}@{REF}"
+    try:
+        installed = version("apt-lab")
+    except PackageNotFoundError:  # pip failed; its error is above
+        raise RuntimeError("pip could not install apt-lab from github.com/{REPO} at {REF}: check that "
+                           "https://github.com/{REPO}/tree/{REF} exists and the runtime is online, "
+                           "then run this cell again") from None
     changed = [f"{{d}} {{v}} → {{version(d)}}" for d, v in loaded.items() if version(d) != v]
     if changed:  # already imported at an older version: only a restart loads the new one
         print(f"RESTART NEEDED: pip changed {{', '.join(changed)}}. Runtime → Restart session, then run the next cells.")
     else:
-        print(f"apt_lab {{version('apt-lab')}} is installed; no restart needed.")'''
+        print(f"apt_lab {{installed}} is installed; no restart needed.")'''
 
 SETUP = '''# The same imports in every notebook (hence the noqa: a notebook may leave one of them unused).
 import torch  # noqa: F401
@@ -180,7 +190,7 @@ def _tidy_solution(cell: nbformat.NotebookNode, index: int) -> tuple[list[str], 
 
 
 def tidy(nb: nbformat.NotebookNode, name: str) -> tuple[list[str], list[str]]:
-    """Stamp the shared cells and strip ``nb`` in place.
+    """Stamp the shared cells of ``nb`` in place (``strip`` removes outputs).
 
     Returns (fixed, unfixable): what was wrong and has been fixed in ``nb``, and what needs a person (a shared
     cell missing, or a cell in its place that is not like it: inserting or overwriting a cell could destroy
@@ -216,11 +226,18 @@ def tidy(nb: nbformat.NotebookNode, name: str) -> tuple[list[str], list[str]]:
             done, needs_person = _tidy_solution(cell, index)
             fixed += done
             unfixable += needs_person
+    return fixed, unfixable
+
+
+def strip(nb: nbformat.NotebookNode) -> list[str]:
+    """Remove what running a notebook leaves in it (outputs, execution counts, volatile metadata) from ``nb`` in
+    place; returns what was removed."""
+    fixed = []
     for key in VOLATILE_NOTEBOOK_METADATA:
         if nb.metadata.pop(key, None) is not None:
             fixed.append(f"notebook metadata {key!r}")
     outputs, counts, metadata = [], [], {key: [] for key in VOLATILE_CELL_METADATA}
-    for index, cell in enumerate(cells):
+    for index, cell in enumerate(nb.cells):
         for key in VOLATILE_CELL_METADATA:
             if cell.metadata.pop(key, None) is not None:
                 metadata[key].append(index)
@@ -237,7 +254,16 @@ def tidy(nb: nbformat.NotebookNode, name: str) -> tuple[list[str], list[str]]:
     for key, where in metadata.items():
         if where:
             fixed.append(f"cell metadata {key!r} in cells {', '.join(map(str, where))}")
-    return fixed, unfixable
+    return fixed
+
+
+def committed_copy(path: Path) -> nbformat.NotebookNode | None:
+    """``path`` as git's index holds it (what the next commit stores), or None outside a git checkout or for a file
+    git does not track."""
+    done = subprocess.run(["git", "-C", str(path.parent), "show", f":./{path.name}"], capture_output=True)
+    if done.returncode != 0:
+        return None
+    return nbformat.reads(done.stdout.decode(), as_version=4)
 
 
 def _shown(path: Path) -> str:
@@ -268,6 +294,12 @@ def main(argv=None) -> int:
             failed = True
             continue
         fixed, unfixable = tidy(nb, path.name)
+        committed = committed_copy(path) if args.check else None
+        if committed is None:
+            fixed += strip(nb)
+        else:  # outputs JupyterLab saves into the working tree are fine; what git holds must be clean
+            fixed += [f"{problem}, in git's index (run this script, then `git add` the notebook)"
+                      for problem in strip(committed)]
         for problem in unfixable:
             print(f"{_shown(path)}: {problem}", file=sys.stderr)
         failed |= bool(unfixable)

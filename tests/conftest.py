@@ -17,3 +17,13 @@ def tiny_backbone():
 
     torch.manual_seed(0)
     return apt_lab.load_backbone("apt-tiny", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_notices(monkeypatch):
+    """Once-per-process notices (random weights, skipped pixel metrics) start unannounced in every test."""
+    import apt_lab.backbone
+    import apt_lab.metrics
+
+    monkeypatch.setattr(apt_lab.metrics, "SKIP_NOTICES", set())
+    monkeypatch.setattr(apt_lab.backbone, "ANNOUNCED", set())

@@ -211,3 +211,31 @@ def test_random_weights_are_the_same_in_every_process_and_leave_the_global_rng_a
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONHASHSEED="7"))
     assert float(out.stdout.strip()) == float(a.model.visual.proj.double().sum()), out.stderr
+
+
+def test_a_fallback_to_random_weights_is_said_once_per_backbone(monkeypatch):
+    """Issue 24: a run printed the random-weights notice twice (a warning, then the command line's banner)."""
+    import types
+    import warnings
+
+    from apt_lab import backbone as module
+    from apt_lab.config import APTConfig
+
+    def fake_load(name, pretrained=None, **kwargs):
+        if pretrained is not None:
+            raise apt_lab.WeightsUnavailableError("offline (test)")
+        return types.SimpleNamespace(name=name, fallback_reason=None)
+
+    monkeypatch.setattr(module, "load_backbone", fake_load)
+    monkeypatch.setattr(module, "ANNOUNCED", set(), raising=False)
+    config = APTConfig.preset("quick", backbone__pretrained="openai")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # even so: once per process and backbone
+        for _ in range(3):  # a run loads its backbone in several places (command line, sweep, severity)
+            assert module.load_backbone_from_config(config, fallback_to_random=True).fallback_reason
+        module.load_backbone_from_config(config.replace(backbone__pretrained="laion2b"), fallback_to_random=True)
+    said = [str(w.message) for w in caught if "random weights" in str(w.message).lower()]
+    assert len(said) == 2, said
+    assert all(issubclass(w.category, module.RandomWeightsWarning) for w in caught)
+    assert "'openai'" in said[0] and "RANDOM WEIGHTS" in said[0] and "offline (test)" in said[0]
+    assert "'laion2b'" in said[1]

@@ -147,16 +147,16 @@ def test_corrupt_prompt_files_name_the_path(tiny_backbone, tuned, tmp_path):
         load_prompts(tmp_path / "p", tiny_backbone, with_meta=True)
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from apt_lab.data.files import atomic_write
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import os
 
-    target = tmp_path / "results.json"
-    target.write_text("old")
+    from apt_lab.data.files import Folder
 
-    def broken(tmp):
-        tmp.write_text("half of the n")
+    (tmp_path / "results.json").write_text("old")
+
+    def full(fd):
         raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, broken)
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    monkeypatch.setattr(os, "fsync", full)
+    with Folder(tmp_path) as folder, pytest.raises(OSError, match="disk full"):
+        folder.write("results.json", "half of the n")
+    assert (tmp_path / "results.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -54,7 +54,7 @@ def test_bad_arguments_exit_2_in_under_a_second_without_torch(argv, complaint, t
     assert not (tmp_path / "runs").exists()
 
 
-# ---------------------------------------------------------------- refusals: exit 1, one line, before any load
+# ----------------------------------------- a bad config file or run name: exit 2 (issue 24), before any load
 @pytest.mark.parametrize("section, value, expected", [
     ({"score": {"memory": "no"}}, None, "score.memory='no': must be true or false"),
     ({"train": {"encode_each_step": "false"}}, None, "train.encode_each_step='false': must be true or false"),
@@ -69,16 +69,18 @@ def test_config_errors_come_before_the_backbone_and_name_the_file(section, value
                                                                   no_backbone):
     path = tmp_path / "my-config.json"
     path.write_text(value if value is not None else json.dumps({"name": "mine", **section}))
-    assert main(["demo", "--config", str(path), "--out", str(tmp_path / "runs")]) == 1
-    err = one_line_error(capsys)
-    assert f"config file {path}" in err and expected in err
+    assert main(["demo", "--config", str(path), "--out", str(tmp_path / "runs")]) == 2  # was 1 (issue 24)
+    err = capsys.readouterr().err
+    assert err.startswith("usage: apt-lab demo") and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("apt-lab demo: error: ") and f"config file {path}" in last and expected in last
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_long_name_is_refused_before_anything_is_made(tmp_path, capsys, no_backbone):
     argv = ["demo", "--preset", "quick", "--categories", "brick", "--out", str(tmp_path / "runs"), "--name", "x" * 300]
-    assert main(argv) == 1  # was OSError [Errno 36] and an empty folder left behind
-    err = one_line_error(capsys)
+    assert main(argv) == 2  # was OSError [Errno 36] and an empty folder left behind; then exit 1 (issue 24: 2)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "run name 'xxxx" in err and "is 300 bytes long" in err and "at most 200 bytes" in err
     assert "Errno" not in err and not (tmp_path / "runs").exists()
 
@@ -165,7 +167,7 @@ def test_demo_writes_its_cells_table_and_report_then_resumes(tmp_path, capsys):
     (cell,) = _cells(folder)
     assert cell["category"] == "brick" and cell["pretrained"] is False and cell["eval_resolution"] == 224
     assert set(cell["metrics"]) == METRICS and all(0.0 <= v <= 1.0 for v in cell["metrics"].values())
-    assert json.loads((folder / "run.json").read_text())["config"]["train"]["steps"] == 10
+    assert cell["computes"]["config"]["train"]["steps"] == 10  # what a cell computes is on its line (issue 23)
     assert (folder / "table.md").is_file() and (folder / "table.csv").is_file()
     page = (folder / "report.html").read_text()
     assert "RANDOM weights" in page and "brick" in page
@@ -179,14 +181,15 @@ def test_demo_writes_its_cells_table_and_report_then_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_without_weights_falls_back_to_random_weights_loudly(tmp_path, capsys):
+def test_demo_without_weights_falls_back_to_random_weights_loudly(tmp_path, capsys, monkeypatch):
     config = APTConfig.preset("fast", train__steps=2, train__pool_size=4, train__batch_size=4)
     path = tmp_path / "config.json"
     config.to_json(path)
-    assert main(["demo", "--config", str(path), "--categories", "grass", "--out", str(tmp_path), "--name", "b16",
-                 "--no-progress"]) == 0
-    captured = capsys.readouterr()
-    assert "RANDOM WEIGHTS" in captured.err and "'openai'" in captured.err
+    monkeypatch.setattr(apt_lab.backbone, "ANNOUNCED", set(), raising=False)  # announced once per process
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS") as caught:
+        assert main(["demo", "--config", str(path), "--categories", "grass", "--out", str(tmp_path), "--name", "b16",
+                     "--no-progress"]) == 0
+    assert any("'openai'" in str(warning.message) for warning in caught)
+    assert "ViT-B-16 (RANDOM weights)" in capsys.readouterr().out  # the table's caption says it too
     (cell,) = _cells(tmp_path / "b16")
-    assert cell["pretrained"] is False
-    assert json.loads((tmp_path / "b16" / "run.json").read_text())["config"]["backbone"]["name"] == "ViT-B-16"
+    assert cell["pretrained"] is False and cell["computes"]["config"]["backbone"]["name"] == "ViT-B-16"

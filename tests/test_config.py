@@ -53,13 +53,13 @@ def test_a_bare_string_is_never_a_list_of_names(tmp_path):
     ({"perturb__blob": "star"}, r"perturb\.blob='star': must be one of 'perlin', 'ellipse', 'mixed'"),
     ({"perturb__roi_method": "saliency"}, r"perturb\.roi_method='saliency': must be one of 'text', 'attention'"),
     ({"prompts__suffix": 123}, r"prompts\.suffix=123: must be a string"),  # was a TypeError 10 s in
-    ({"backbone__image_size": 3}, r"backbone\.image_size=3: must be None .* or an int ≥ 32"),  # was a RuntimeError
+    ({"backbone__image_size": 3}, r"backbone\.image_size=3: must be None .* or an int from 32 to 4096"),  # RuntimeError
     ({"backbone__precision": "fp8"}, r"backbone\.precision='fp8': .*one of 'fp32', 'tf32', 'bf16', 'fp16'"),
-    ({"score__temperature": float("nan")}, r"score\.temperature=nan: must be a finite number > 0"),
-    ({"score__blur_sigma": float("inf")}, r"score\.blur_sigma=inf: must be a finite number ≥ 0"),
+    ({"score__temperature": float("nan")}, r"score\.temperature=nan: must be a number in \(0, 10\]"),
+    ({"score__blur_sigma": float("inf")}, r"score\.blur_sigma=inf: must be a number in \[0, 1024\]"),
     ({"train__loss_weights": (float("nan"), 1.0, 1.0)}, r"train\.loss_weights=\(nan, 1\.0, 1\.0\): must be three"),
-    ({"train__steps": 2.5}, r"train\.steps=2\.5: must be an int ≥ 0"),
-    ({"train__k_shot": True}, r"train\.k_shot=True: must be an int ≥ 1"),
+    ({"train__steps": 2.5}, r"train\.steps=2\.5: must be an int from 0 to 10,000,000"),
+    ({"train__k_shot": True}, r"train\.k_shot=True: must be an int from 1 to 4096"),
     ({"train__optimizer": "lbfgs"}, r"train\.optimizer='lbfgs': must be one of 'adam', 'sgd'; the default is 'adam'"),
     ({"perturb__strength": (0.6, 0.2)}, r"perturb\.strength=\(0\.6, 0\.2\): must be \[low, high\]"),
     ({"smgs__meta_normal": ""}, r"smgs\.meta_normal='': must be a non-empty string")])
@@ -109,6 +109,75 @@ def test_unknown_keys_and_bad_json_name_the_file(tmp_path):
         APTConfig().replace(train__stepz=3)
     with pytest.raises(ConfigError, match=r"unknown preset 'nope'; presets: \[.*'quick'"):
         APTConfig.preset("nope")
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    """JSON keeps the last of two equal keys silently: {"steps": 3, "steps": 500} ran 500 steps."""
+    with pytest.raises(ConfigError, match=r"^duplicate key 'steps' in one JSON object .*keep one of them$"):
+        APTConfig.from_json('{"train": {"steps": 3, "lr": 0.1, "steps": 500}}')
+    path = write(tmp_path, '{"train": {"steps": 3}, "score": {}, "train": {"lr": 0.1}}', "twice.json")
+    with pytest.raises(ConfigError, match=r"^config file .*twice\.json: duplicate key 'train' in one JSON object"):
+        APTConfig.from_json(path)
+
+
+HUGE = (10**30, 1e300, (10**30,), (0, 1e300), (1, 1, 1e300))  # a number, a list of one, of two, of three
+
+
+@pytest.mark.parametrize("section", [f.default_factory for f in dataclasses.fields(APTConfig)[1:]],
+                         ids=lambda s: s.SECTION)
+def test_every_number_has_an_upper_bound_named_in_its_message(section):
+    """A huge value used to pass and then die in torch ("tried to allocate 3000000000768 bytes", OverflowError)."""
+    for name, rule in section.RULES.items():
+        accepted = [value for value in HUGE if rule(rule.convert(value))]
+        assert not accepted, f"{section.SECTION}.{name} accepts {accepted}"
+
+
+@pytest.mark.parametrize("section, field, value, expected", [
+    ("prompts", "n_ctx", 10**30, r"an int from 1 to 75 \(CLIP reads 77 tokens"),
+    ("backbone", "image_size", 10**6, r"or an int from 32 to 4096 \(pixels; .*ViT-L-14-336 336, the paper preset 518"),
+    ("train", "pool_size", 10**9, r"an int from 1 to 4096 \(perturbed images per shot group"),
+    ("train", "seed", 2**64, r"an int from 0 to 4,294,967,295"),  # was torch's "Overflow when unpacking long"
+    ("score", "blur_sigma", 1e9, r"a number in \[0, 1024\] \(pixels")])
+def test_a_value_too_large_is_one_error_naming_the_file_and_the_bound(tmp_path, section, field, value, expected):
+    path = write(tmp_path, {section: {field: value}})
+    with pytest.raises(ConfigError, match=rf"^config file {path}: config {section}\.{field}={value!r}: must be "
+                                          rf".*{expected}.*; the default is"):
+        APTConfig.from_json(path)
+
+
+def test_the_largest_seed_seeds_torch_and_numpy():
+    import numpy as np
+    import torch
+
+    config = APTConfig().replace(train__seed=config_module.MAX_SEED, backbone__init_seed=config_module.MAX_SEED)
+    torch.Generator().manual_seed(config.train.seed)
+    np.random.default_rng(config.backbone.init_seed), np.random.RandomState(config.train.seed)
+
+
+def test_malformed_files_are_one_config_error_naming_the_file(tmp_path):
+    deep = write(tmp_path, '{"train": ' + "[" * 100_000 + "]" * 100_000 + "}", "deep.json")
+    with pytest.raises(ConfigError, match=r"^config file .*deep\.json is nested too deeply"):  # was RecursionError
+        APTConfig.from_json(deep)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"name": "café"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^config file .*latin\.json is not UTF-8 text \(byte 13: .*save it as "
+                                          r"UTF-8$"):  # was UnicodeDecodeError
+        APTConfig.from_json(latin)
+    long = write(tmp_path, '{"train": {"steps": ' + "9" * 5000 + "}}", "long.json")
+    with pytest.raises(ConfigError, match=r"^config file .*long\.json is not a valid config"):  # was ValueError
+        APTConfig.from_json(long)
+    for error in (deep, latin, long):
+        with pytest.raises(ConfigError) as caught:
+            APTConfig.from_json(error)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_byte_order_mark_is_read_as_nothing(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; it was "not valid JSON: Unexpected UTF-8 BOM"."""
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"train": {"steps": 3}}).encode())
+    assert APTConfig.from_json(path).train.steps == 3
+    assert APTConfig.from_json("\ufeff" + path.read_text(encoding="utf-8-sig")).train.steps == 3
 
 
 def test_registered_perturbations_are_valid_names():

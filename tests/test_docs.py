@@ -18,12 +18,14 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = ["00_tour", "01_perturb", "02_prompts", "03_smgs", "04_score", "05_benchmark", "06_your_perturbation",
             "07_your_data"]
 SCRIPT = ROOT / "scripts" / "notebooks.py"
+HOOKS = ROOT / "scripts" / "mkdocs_hooks.py"
+RAW_ROLE = re.compile(r":(func|mod|meth|class|data|attr|exc|obj):")  # Sphinx's, printed as is by markdown
 
 
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("notebooks_script", SCRIPT)
+def _load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,7 +91,8 @@ def _change_setup(nb):
 
 
 def _change_badge(nb):
-    nb.cells[0].source = nb.cells[0].source.replace("apt_lab/blob/v", "apt_lab/blob/main-v", 1)  # the badge's ref
+    ref = _load_script().REF
+    nb.cells[0].source = nb.cells[0].source.replace(f"apt_lab/blob/{ref}/", f"apt_lab/blob/old-{ref}/", 1)  # its ref
 
 
 def _remove_badge(nb):
@@ -119,9 +122,11 @@ def _skip_a_solution(nb):
 
 
 def _point_a_link_elsewhere(nb):
-    header = nb.cells[0]
-    header.source = header.source.replace("apt_lab/blob/v", "apt_lab/blob/old-v").replace(
-        "colab.research.google.com/github/apt-lab/apt_lab/blob/old-v", "colab.research.google.com/github/apt-lab/apt_lab/blob/v")
+    ref, header = _load_script().REF, nb.cells[0]
+    badge = next(line for line in header.source.splitlines() if line.startswith("[![Open In Colab]"))
+    body = header.source.replace(badge, "\0").replace(f"apt_lab/blob/{ref}/", f"apt_lab/blob/old-{ref}/")
+    assert body != header.source.replace(badge, "\0"), "the header links no file of this repository"
+    header.source = body.replace("\0", badge)  # the links, not the badge
 
 
 def _leave_cell_metadata(nb):
@@ -159,6 +164,28 @@ def test_the_check_fails_on_a_changed_shared_cell_or_a_left_output(score_noteboo
     assert [cell.source for cell in nb.cells] == original and not nb.cells[4].outputs
     assert all(cell.metadata["jupyter"] == {"source_hidden": True, "outputs_hidden": True}
                and "nbval-skip" not in cell.metadata["tags"] for cell in _solutions(nb))
+
+
+def test_outputs_jupyterlab_saved_in_a_checkout_pass_until_they_are_staged(score_notebook, notebooks_script):
+    """Issue 24: JupyterLab's autosave writes outputs into the working tree, and `make test` failed. In a git checkout
+    the check reads outputs from git's index (what a commit stores); outputs staged for a commit still fail it."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=score_notebook.parent,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", score_notebook.name)
+    git("commit", "-q", "-m", "clean")
+    nb = nbformat.read(score_notebook, as_version=4)
+    _leave_an_output(nb)
+    _leave_widget_state(nb)
+    _leave_cell_metadata(nb)
+    nbformat.write(nb, score_notebook)
+    done = notebooks_script("--check", score_notebook)
+    assert done.returncode == 0, done.stderr
+    git("add", score_notebook.name)
+    done = notebooks_script("--check", score_notebook)
+    assert done.returncode == 1 and "outputs in cells 4" in done.stderr and "in git's index" in done.stderr, done.stderr
 
 
 def test_a_solution_outside_the_guard_is_reported_not_rewritten(score_notebook, notebooks_script):
@@ -219,8 +246,9 @@ def test_notebook_teaches_with_paper_exercises_summary_and_next_link(path):
 
 def test_install_cell_pins_the_release_and_says_when_to_restart(monkeypatch, capsys):
     """The Colab install cell, run as IPython runs it, with pip simulated: a restart is asked for only when pip
-    changed a package that was already imported."""
+    changed a package that was already imported; when pip fails, the cell stops with one line naming the ref."""
     import types
+    from importlib.metadata import PackageNotFoundError
 
     from IPython.core.inputtransformer2 import TransformerManager
 
@@ -238,11 +266,23 @@ def test_install_cell_pins_the_release_and_says_when_to_restart(monkeypatch, cap
     shell = types.SimpleNamespace(run_line_magic=run_line_magic)
     monkeypatch.setattr("importlib.metadata.packages_distributions",
                         lambda: {"ipywidgets": ["ipywidgets"], "numpy": ["numpy"], "apt_lab": ["apt-lab"]})
-    monkeypatch.setattr("importlib.metadata.version", lambda name: installed[name])
+
+    def version_of(name):
+        if name not in installed:
+            raise PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr("importlib.metadata.version", version_of)
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     for module in ("ipywidgets", "numpy"):  # imported before the cell runs, as in Colab
         monkeypatch.setitem(sys.modules, module, sys.modules.get(module) or types.ModuleType(module))
     monkeypatch.delitem(sys.modules, "apt_lab", raising=False)
+    upgrade = {}  # pip failed (a ref that does not exist, no network): not PackageNotFoundError but what to do
+    with pytest.raises(RuntimeError) as failed:
+        exec(source, {"get_ipython": lambda: shell})
+    message = str(failed.value)
+    assert "\n" not in message and failed.value.__suppress_context__, message
+    assert f"github.com/{script.REPO} at {script.REF}:" in message and "run this cell again" in message, message
     for upgrade, expected in (({"apt-lab": version}, f"apt_lab {version} is installed; no restart needed."),
                               ({"ipywidgets": "8.1.5"}, "RESTART NEEDED: pip changed ipywidgets 7.7.1 → 8.1.5.")):
         exec(source, {"get_ipython": lambda: shell})
@@ -250,7 +290,28 @@ def test_install_cell_pins_the_release_and_says_when_to_restart(monkeypatch, cap
     assert pip_calls[0] == ("pip", f'install "apt-lab @ git+https://github.com/{script.REPO}@{script.REF}"')
     monkeypatch.delitem(sys.modules, "google.colab")
     exec(source, {"get_ipython": lambda: shell})  # outside Colab: nothing happens
-    assert len(pip_calls) == 2 and capsys.readouterr().out == ""
+    assert len(pip_calls) == 3 and capsys.readouterr().out == ""
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_published_ref_exists_in_this_repository():
+    """Issue 24: every badge and install cell pointed at a tag that did not exist, so Colab's first cell failed. The
+    ref of release.json resolves to a commit here, as a branch or tag (a fresh clone) or as a remote's branch (a
+    checkout on another branch, or a detached one)."""
+    ref = json.loads((ROOT / "release.json").read_text())["ref"]
+    if _git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        pytest.skip("not a git checkout (an unpacked copy): no refs to resolve")
+    names = [ref, *(f"{remote}/{ref}" for remote in _git("remote").stdout.split())]
+    if any(_git("rev-parse", "--verify", "--quiet", f"{name}^{{commit}}").returncode == 0 for name in names):
+        return
+    if _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+        pytest.skip(f"a shallow checkout holds none of {names} (a CI run on a pull request); a clone of main checks it")
+    pytest.fail(f"release.json: ref {ref!r} is neither a branch nor a tag of this repository (tried {names}), so every "
+                "Colab badge and install cell fails; set it to a branch (\"main\") or push the tag "
+                "(README.md, 'Publishing a release')")
 
 
 def test_every_badge_install_cell_and_link_agrees_with_release_json():
@@ -276,9 +337,7 @@ def test_every_badge_install_cell_and_link_agrees_with_release_json():
         for _, found_repo, found_ref, _ in addresses.findall(page.read_text()):
             if found_repo == repo or found_repo.split("/")[1] == repo.split("/")[1]:
                 assert found_repo == repo and (found_ref == ref or found_ref in ("main", "HEAD")), (page.name, found_ref)
-    hooks = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts" / "mkdocs_hooks.py")
-    module = importlib.util.module_from_spec(hooks)
-    hooks.loader.exec_module(module)
+    module = _load_script(HOOKS)
     assert module.on_config({}) == {"repo_url": f"https://github.com/{repo}", "repo_name": repo}
     assert not re.search(r"^repo_(url|name):", (ROOT / "mkdocs.yml").read_text(), re.M), "one place: release.json"
 
@@ -360,6 +419,70 @@ def plotly_figures(html: str) -> list:
         layout, _ = decoder.raw_decode(html, end + re.match(r"\s*,\s*", html[end:]).end())
         figures.append(go.Figure(data=data, layout=layout, skip_invalid=True))
     return figures
+
+
+def test_sphinx_roles_become_links_resolved_from_where_the_docstring_stands():
+    """Issue 24: the API pages printed :func:`…` and the like literally, 101 times on 25 pages. The docs hook turns
+    each role into an autorefs cross-reference to the full path, resolving the name as Python would from the
+    docstring's object (its class, its module, the package); a name that resolves to nothing stays plain code."""
+    import griffe
+
+    hooks = _load_script(HOOKS)
+    core = '''
+class Thing:
+    """Made by :func:`make`; :meth:`go` starts it."""
+
+    def go(self):
+        """Then :meth:`stop`, :func:`pkg.other.helper`, :data:`LIMIT` or :func:`nowhere`."""
+
+    def stop(self):
+        """Stops."""
+
+
+def make():
+    """A :class:`~pkg.core.Thing`; see :mod:`pkg` and :meth:`Thing.go`."""
+
+
+LIMIT = 3
+'''
+
+    def ref(path, shown):
+        return f'<autoref identifier="{path}" optional>`{shown}`</autoref>'
+
+    with griffe.temporary_visited_package("pkg", {"__init__.py": "", "core.py": core,
+                                                  "other.py": "from pkg.core import make as helper\n"}) as pkg:
+        hooks.RolesAsLinks().on_package(pkg=pkg)
+        docs = {path: pkg[path].docstring.value for path in ("core.Thing", "core.Thing.go", "core.make")}
+    assert docs == {
+        "core.Thing": f"Made by {ref('pkg.core.make', 'make')}; {ref('pkg.core.Thing.go', 'go')} starts it.",
+        "core.Thing.go": f"Then {ref('pkg.core.Thing.stop', 'stop')}, {ref('pkg.core.make', 'pkg.other.helper')}, "
+                         f"{ref('pkg.core.LIMIT', 'LIMIT')} or `nowhere`.",
+        "core.make": f"A {ref('pkg.core.Thing', 'Thing')}; see {ref('pkg', 'pkg')} and "
+                     f"{ref('pkg.core.Thing.go', 'Thing.go')}.",
+    }
+    assert not any(RAW_ROLE.search(text) for text in docs.values())
+
+
+def test_a_table_figure_shows_every_row_on_a_docs_page():
+    """Issue 24: the docs page of 03 cut off the last row of its metrics table (a plotly table is as high as its
+    figure, sized for one line per cell, and the docs' narrow column wraps cells). On a page a table figure becomes
+    an HTML table, which grows with its rows; other figures stay plotly."""
+    from apt_lab import plots
+
+    hooks = _load_script(HOOKS)
+    rows = [{"run": f"λ=1, anchor on gradient and update, arm {i}", "image_auroc": i / 10} for i in range(6)]
+    table = plots.metrics_table_figure([*rows, {"run": "mean", "image_auroc": 0.25}])
+    table.update_layout(title="six arms")
+    line = plots.go.Figure(plots.go.Scatter(y=[1, 2]))
+    outputs = [nbformat.v4.new_output("display_data", data={hooks.PLOTLY_MIME: json.loads(figure.to_json())})
+               for figure in (table, line)]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("", outputs=outputs)])
+    hooks.docs_outputs(nb)
+    html, plot = (output.data["text/html"] for output in nb.cells[0].outputs)
+    head, body = html.split("<tbody>", 1)
+    assert body.count("<tr") == 7 and "arm 5" in body and "<b>mean</b>" in body and "Plotly" not in html
+    assert "six arms" in head and "image AUROC" in head and "AUROC" in body.split("</table>")[1]  # and a legend
+    assert "Plotly.newPlot" in plot
 
 
 def test_the_docs_checks_catch_what_issue_19_saw():
@@ -464,6 +587,17 @@ def test_strict_docs_build(tmp_path):
     assert histograms, "04: no score histogram"
     for figure in histograms:
         assert len({(t.xbins.start, t.xbins.size) for t in figure.data}) == 1, "04: classes binned differently"
+
+    for name, html in pages.items():  # Sphinx roles became links (or plain code), none printed as is
+        assert not RAW_ROLE.search(html), f"{name}: {RAW_ROLE.search(html).group(0)} printed as is"
+    api_links = sum(html.count('class="autorefs autorefs-internal"') for name, html in pages.items()
+                    if name.startswith("api/"))
+    assert api_links > 50, f"only {api_links} cross-references on the API pages"
+    for name, html in pages.items():  # tables are HTML tables, whole however narrow the page (issue 24)
+        assert not any(trace.type == "table" for figure in plotly_figures(html) for trace in figure.data), name
+    tables = re.findall(r'<div class="apt-lab-table">(.*?)</div>', pages["notebooks/03_smgs/index.html"], re.S)
+    metrics = [table for table in tables if "anchor similarity" in table]
+    assert metrics and metrics[0].split("<tbody>")[1].count("<tr") >= 2, "03: the metrics table lost its rows"
 
     losses = _pre_blocks(pages["api/losses/index.html"])  # "Example (…):" sections render as code
     assert any(">>> round(float(focal_loss(torch.zeros(1, 1, 2, 2)" in block for block in losses)

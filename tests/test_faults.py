@@ -19,11 +19,25 @@ from apt_lab import metrics
 from apt_lab.cli import main
 from apt_lab.config import APTConfig
 from apt_lab.data import load_dataset
+from apt_lab.data.files import Folder
 from apt_lab.data.readers import DEMO_ROOT
 from apt_lab.errors import ConfigError, DatasetCheckError, UnknownBackboneError
 from apt_lab.prompts import PromptLearner
-from apt_lab.store import RunStore, write_tables
-from apt_lab.sweep import run_experiment
+from apt_lab.store import read_run, write_tables
+from apt_lab.sweep import Plan, run_sweep
+
+
+def one_run(dataset: str, root, out, method: str = "apt"):
+    """What `apt-lab run` does: one method, the config's shots and seed, every category, artefacts kept."""
+    config = APTConfig.preset("quick")
+    plan = Plan(dataset, config, root=str(root), shots=(config.train.k_shot,), seeds=(config.train.seed,),
+                methods=(method,), artefacts=True)
+    return run_sweep(plan, out=out, progress=False)
+
+
+def cells_of(folder) -> dict:
+    with Folder(folder) as opened:
+        return read_run(opened)[2]
 
 
 @pytest.fixture
@@ -51,8 +65,7 @@ def test_a_mask_of_the_wrong_size_stops_the_run_before_tuning(brick, tmp_path, n
     mask = brick / "brick/ground_truth/hole/001_mask.png"
     Image.open(mask).resize((64, 64)).save(mask)
     with pytest.raises(DatasetCheckError, match=r"mvtec/brick .*001_mask\.png has size 64x64 .* is 128x128"):
-        run_experiment("mvtec", APTConfig.preset("quick"), root=str(brick), out=tmp_path / "runs",
-                       progress=False)
+        one_run("mvtec", brick, tmp_path / "runs")
     assert no_tuning == [] and not (tmp_path / "runs").exists()
 
 
@@ -60,8 +73,7 @@ def test_a_test_set_with_one_class_stops_the_run_before_tuning(brick, tmp_path, 
     for defect in ("hole", "paste", "scratch", "stain"):
         shutil.rmtree(brick / "brick/test" / defect)
     with pytest.raises(DatasetCheckError, match="only normal test images; image AUROC, AP and F1-max need both"):
-        run_experiment("mvtec", APTConfig.preset("quick"), root=str(brick), out=tmp_path / "runs",
-                       progress=False)
+        one_run("mvtec", brick, tmp_path / "runs")
     assert no_tuning == [] and not (tmp_path / "runs").exists()
 
 
@@ -127,8 +139,8 @@ def test_command_line_errors_are_one_line_and_leave_no_run_folder(tmp_path, caps
 def test_steps_zero_on_the_command_line_is_honoured(tmp_path):
     assert main(["demo", "--preset", "quick", "--categories", "brick", "--steps", "0", "--out", str(tmp_path),
                  "--name", "s0", "--no-progress"]) == 0
-    store = RunStore(tmp_path / "s0")
-    assert store.identity()["config"]["train"]["steps"] == 0 and "brick/k2/s0/apt" in store.cells()
+    cells = cells_of(tmp_path / "s0")
+    assert cells["brick/k2/s0/apt"]["computes"]["config"]["train"]["steps"] == 0
 
 
 def test_a_category_called_mean_keeps_its_own_row(tmp_path):
@@ -137,9 +149,8 @@ def test_a_category_called_mean_keeps_its_own_row(tmp_path):
         shutil.copytree(DEMO_ROOT / "brick" / "test" / source, root / kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # no masks: pixel metrics skipped (tested above)
-        folder = run_experiment("folder", APTConfig.preset("quick"), root=str(root), method="human",
-                                out=tmp_path / "runs", progress=False)
+        folder = one_run("folder", root, tmp_path / "runs", method="human")
     rows = list(csv.reader(open(write_tables(folder)[1])))
     assert [r[2] for r in rows] == ["category", "mean", "(mean)"]
-    value = RunStore(folder).cells()["mean/k0/s0/human"]["metrics"]["image_auroc"]
+    value = cells_of(folder)["mean/k0/s0/human"]["metrics"]["image_auroc"]
     assert rows[1][4] == rows[2][4] == f"{value * 100:.2f}"

@@ -92,10 +92,10 @@ def test_runs_sharing_a_store_encode_test_images_and_shots_once(backbone, brick)
 
 
 def test_a_sweep_encodes_each_category_once_for_every_cell(backbone, tmp_path):
-    from apt_lab.sweep import run_sweep
+    from apt_lab.sweep import Plan, run_sweep
 
-    run_sweep("demo", CONFIG, categories=["brick", "grass"], shots=(1, 2), seeds=(0,), methods=("human", "apt"),
-              out=tmp_path, name="s", progress=False, backbone=backbone)
+    plan = Plan("demo", CONFIG, categories=("brick", "grass"), shots=(1, 2), seeds=(0,), methods=("human", "apt"))
+    run_sweep(plan, out=tmp_path, name="s", progress=False, backbone=backbone)
     tests = sum(len(load_dataset("demo", category=c).test) for c in ("brick", "grass"))
     assert backbone.images_encoded == tests + 2 * 2 + 2 * 2 * CONFIG.train.pool_size  # 4 APT cells, one pool each
 

@@ -191,3 +191,23 @@ def test_errors_say_what_and_where():
         aupro(maps, masks, method="fast")
     with pytest.raises(ValueError, match="has 3 maps .* labels has 2"):
         evaluate([0.1, 0.9], maps, [0, 1], masks)
+
+
+def test_skipped_pixel_metrics_are_said_once_per_process(monkeypatch):
+    """Issue 24: a run printed "pixel metrics skipped" once per cell (17 times): Python's once-per-place filter forgets
+    whenever code changes the warning filters, as torch does between cells."""
+    import warnings
+
+    from apt_lab import metrics
+
+    monkeypatch.setattr(metrics, "SKIP_NOTICES", set(), raising=False)
+    maps, masks = _random_case(3)
+    scores, labels = maps.reshape(3, -1).max(axis=1), np.array([0, 1, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        for _ in range(17):
+            warnings.simplefilter("default")  # what torch's own catch_warnings does: the registry is forgotten
+            assert evaluate(scores, maps, labels, np.zeros_like(masks))["pixel_auroc"] is None
+    said = [w for w in caught if "pixel metrics skipped" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, metrics.PixelMetricsSkipped), len(said)
+    assert "none of the 3 masks marks an anomalous pixel" in str(said[0].message)
+    assert said[0].filename == __file__  # points at the caller of evaluate

@@ -47,10 +47,12 @@ def test_full_mode_falls_back_loudly_to_random_weights(monkeypatch, capsys):
         return random_backbone
 
     monkeypatch.setattr(apt_lab.backbone, "load_backbone", fake_load)
-    with pytest.warns(UserWarning, match="random weights"):
+    monkeypatch.setattr(apt_lab.backbone, "ANNOUNCED", set())
+    with pytest.warns(apt_lab.backbone.RandomWeightsWarning, match="random weights") as caught:
         assert session.backbone() is random_backbone
     assert calls == ["openai", None]
-    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+    assert "RANDOM WEIGHTS" in str(caught[0].message) and len(caught) == 1
+    assert "RANDOM WEIGHTS" not in capsys.readouterr().err  # the warning is the one notice (it printed twice)
 
 
 def test_full_mode_uses_a_benchmark_when_present(monkeypatch, tmp_path, capsys):

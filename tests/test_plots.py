@@ -91,16 +91,22 @@ def test_metrics_bar_mean_std_and_macro_mean():
     fig = plots.metrics_bar_figure(rows, "image_auroc")
     apt, human = fig.data
     assert list(apt.x) == ["brick", "grass", "mean"]
-    assert list(apt.y) == pytest.approx([0.9, 0.6, 0.75]) and list(apt.error_y.array) == pytest.approx([0.1, 0, 0])
-    assert list(human.x) == ["brick", "mean"] and fig.layout.title.text == "image AUROC"
+    # percent; the sample std like the tables (ddof = 1); the mean's std over the per-seed macro means (70, 80)
+    assert list(apt.y) == pytest.approx([90, 60, 75]) and list(apt.error_y.array) == pytest.approx(
+        [14.1421356, 0, 7.0710678])
+    assert [list(c) for c in apt.customdata] == [["90.0 ± 14.1", 2], ["60.0 ± 0.0", 2], ["75.0 ± 7.1", 2]]
+    assert list(human.x) == ["brick", "mean"] and fig.layout.title.text.startswith("image AUROC per category")
+    assert human.error_y.visible is False  # one seed: no error bar at all
+    assert fig.layout.yaxis.title.text == "image AUROC (%)"
+    assert list(fig.layout.yaxis.range) == pytest.approx([0, 90 + 14.1421356 + 2])  # 0–100 and every error bar
 
 
 def test_metrics_table_formats_numbers():
     fig = plots.metrics_table_figure([{"variant": "APT", "metrics": {"image_auroc": 0.91234}, "k": 4},
                                       {"variant": "human", "image_auroc": float("nan"), "k": 4}])
     header, cells = fig.data[0].header.values, fig.data[0].cells.values
-    assert list(header) == ["variant", "k", "image AUROC"]
-    assert list(cells[2]) == ["0.912", "nan"]
+    assert list(header) == ["variant", "k", "image AUROC (%)"]
+    assert list(cells[2]) == ["91.2", "nan"]  # percent with one decimal, as every table prints a metric
 
 
 def test_score_histogram_splits_labels_and_marks_threshold():
@@ -137,10 +143,10 @@ def test_metrics_bar_never_averages_across_variants():
     assert all("mean" not in list(t.x) for t in by_variant.data)        # no bar "mean of human and APT"
     assert [t.name for t in by_variant.data] == ["brick", "grass", "mean"]
     mean = by_variant.data[2]
-    assert list(mean.x) == ["human", "APT"] and list(mean.y) == pytest.approx([0.6, 0.75])  # over categories
+    assert list(mean.x) == ["human", "APT"] and list(mean.y) == pytest.approx([60, 75])  # over categories
     by_category = plots.metrics_bar_figure(rows, "image_auroc")
     assert [list(t.x) for t in by_category.data] == [["brick", "grass", "mean"]] * 2
-    assert by_category.data[1].y[2] == pytest.approx(0.75)
+    assert by_category.data[1].y[2] == pytest.approx(75)
 
 
 def test_histogram_classes_share_bins():
@@ -208,8 +214,9 @@ def test_metrics_table_readable_names_legend_and_mean_rows_set_apart():
             {"category": "mean", "image_auroc": 0.7, "tune_s": 1.25}]
     fig = plots.metrics_table_figure(rows)
     table = fig.data[0]
-    assert list(table.header.values) == ["category", "image AUROC", "tune prompts (s)"]
-    assert list(table.cells.values[1]) == ["0.800", "0.600", "<b>0.700</b>"]  # the mean row in bold
+    assert list(table.header.values) == ["category", "image AUROC (%)", "tune prompts (s)"]
+    assert list(table.cells.values[1]) == ["80.0", "60.0", "<b>70.0</b>"]  # the mean row in bold
+    assert list(table.cells.values[2]) == ["1.500", "1.000", "<b>1.250</b>"]  # seconds are not a metric
     fills = table.cells.fill.color[0]
     assert fills[2] != fills[0] == fills[1]  # and shaded
     assert "AUROC: chance" in fig.layout.annotations[0].text  # the legend under the table
@@ -229,3 +236,58 @@ def test_perturbation_figure_and_table_legend_fit_the_docs_column(width):
         assert plots.title_overlaps(fig, width) == []
     table = plots.metrics_table_figure([{"method": "APT", **{key: 0.5 for key in plots.METRIC_NAMES}}])
     assert plots.title_overlaps(table, width) == []
+
+
+def test_every_figure_has_a_title_by_default():
+    """Issue 24: 03's and 04's tables and single maps had no title. A builder is any public function of plots
+    returning a figure; each must be listed here, and each gives its figure a title unless told None."""
+    import inspect
+
+    image, amap, mask = torch.rand(3, 8, 8), torch.rand(8, 8), torch.rand(8, 8) > 0.5
+    rows = [{"variant": "APT", "category": "brick", "image_auroc": 0.9}]
+    built = {"image_figure": plots.image_figure(image),
+             "anomaly_map_figure": plots.anomaly_map_figure(image, amap),
+             "anomaly_map_grid": plots.anomaly_map_grid(image[None], amap[None]),
+             "perturbation_figure": plots.perturbation_figure(image, image, mask),
+             "training_curves_figure": plots.training_curves_figure([{"step": 0, "loss": 1.0}]),
+             "metrics_bar_figure": plots.metrics_bar_figure(rows),
+             "summary_bar_figure": plots.summary_bar_figure({"APT": [("brick", (0.9, None), 1)]}),
+             "metrics_table_figure": plots.metrics_table_figure(rows),
+             "score_histogram_figure": plots.score_histogram_figure([0.1, 0.9], [0, 1])}
+    builders = {name for name, f in vars(plots).items()
+                if inspect.isfunction(f) and f.__module__ == plots.__name__ and not name.startswith("_")
+                and inspect.signature(f).return_annotation in ("go.Figure", plots.go.Figure)}
+    assert builders == set(built)
+    untitled = [name for name, fig in built.items() if not fig.layout.title.text]
+    assert not untitled, untitled
+    assert plots.metrics_table_figure(rows, title=None).layout.title.text is None  # a page that names it itself
+
+
+def test_metric_figures_and_tables_show_percent_with_one_decimal():
+    """Issue 25: 04's metric table and 05's results explorer showed fractions with 3–6 decimals while every table
+    printed percent. A metric is a fraction in the API and percent with one decimal on screen."""
+    rows = [{"variant": "APT", "category": c, "seed": s, "image_auroc": v, "aupro": 0.123456, "tune_s": 2.0}
+            for c, values in (("brick", (0.81234, 0.8)), ("grass", (0.7, 0.7))) for s, v in enumerate(values)]
+    bars = plots.metrics_bar_figure(rows, "aupro")
+    assert bars.layout.yaxis.title.text == "AUPRO (%)" and bars.data[0].customdata[0][0] == "12.3 ± 0.0"
+    assert "%{customdata[0]} %" in bars.data[0].hovertemplate and ".3f" not in bars.data[0].hovertemplate
+    table = plots.metrics_table_figure([{"method": "APT", "image_auroc": 0.95321, "aupro": 1.0, "tune_s": 2.0}])
+    assert list(table.data[0].header.values) == ["method", "image AUROC (%)", "AUPRO (%)", "tune prompts (s)"]
+    assert [list(c) for c in table.data[0].cells.values[1:]] == [["95.3"], ["100.0"], ["2.000"]]
+    assert "All metrics in percent" in table.layout.annotations[0].text.replace("<br>", " ")
+
+
+@pytest.mark.parametrize("lows, highs", [([79.3, 80.0], [80.7, 80.2]), ([99.5], [100.2]), ([0.0], [1.0]),
+                                         ([20.0, 60.0], [40.0, 95.0]), ([50.0], [50.0])])
+def test_percent_range_holds_the_error_bars_and_never_magnifies_noise(lows, highs):
+    """Issue 25: an autoscaled axis drew a 0.17-point change with a 0.7 std as a steady rise."""
+    low, high = plots.percent_range(lows, highs)
+    assert high - low >= plots.MIN_SPAN and low < min(lows) and high > max(highs)
+    assert low >= 0 or min(lows) < 1  # kept above 0 unless the data sit at it
+    assert high <= 101.5 or max(highs) > 100
+
+
+def test_error_bars_have_no_caps_and_none_for_one_seed():
+    assert plots.error_bars([None, None]) == {"visible": False}
+    bars = plots.error_bars([0.01, None])
+    assert bars["width"] == 0 and bars["array"] == [1.0, 0.0]  # no cap; a zero-length bar without a cap: nothing

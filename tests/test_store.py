@@ -1,6 +1,6 @@
-"""The run store (issue 17): one record, one folder, cells validated on read, files written only through the safe
-file layer, tables in plan order and one unit. No model here: identities and cells are built by hand, so every
-expected value is checkable by eye."""
+"""The run store (issues 17, 23): a folder of cells keyed by what they compute, checked on read, written only
+through the opened folder, tables in layout order and one unit. No model here: layouts and cells are built by hand,
+so every expected value is checkable by eye."""
 from __future__ import annotations
 
 import json
@@ -11,40 +11,41 @@ import sys
 
 import pytest
 
-from apt_lab.data.files import LOCK_NAME, append_line, atomic_write, folder_lock, remove_files
+from apt_lab.data.files import LOCK_NAME, Folder, folder_lock
 from apt_lab.errors import CorruptFileError, RunMismatchError, UnsafeNameError
-from apt_lab.store import (CELLS_FILE, REJECTED_FILE, RUN_FILE, RunStore, format_cell, plan, plan_of, run_id,
-                           table_csv, table_markdown, table_rows, write_tables)
+from apt_lab.store import (CELLS_FILE, REJECTED_FILE, RunStore, cell_id, format_cell, plan, table_csv,
+                           table_markdown, table_rows, write_tables)
 
 
-def _identity(categories=("brick", "grass"), shots=(1, 2), seeds=(0, 1), methods=("apt", "human")) -> dict:
-    return {"dataset": "demo", "root": "/data", "categories": list(categories), "shots": list(shots),
-            "seeds": list(seeds), "apt_lab": "test", "files": {}, "draws": {},
-            "variants": {m: {"kind": m if m == "human" else "apt", "settings": {}, "zero_shot": m == "human"}
-                         for m in methods},
-            "config": {"backbone": {"name": "apt-tiny", "pretrained": None}}}
+def _layout(categories=("brick", "grass"), shots=(1, 2), seeds=(0, 1), methods=("apt", "human")) -> dict:
+    return {"dataset": "demo", "experiment": "benchmark", "categories": list(categories), "shots": list(shots),
+            "seeds": list(seeds), "vary": {},
+            "variants": {m: {"method": m if m == "human" else "apt", "settings": {}, "zero_shot": m == "human"}
+                         for m in methods}}
 
 
-def _record(identity: dict, category: str, shots: int, seed: int, method: str, auroc: float, **extra) -> dict:
-    record = {"run": run_id(identity), "key": f"{category}/k{shots}/s{seed}/{method}", "category": category,
-              "shots": shots, "seed": seed, "method": method, "metrics": {"image_auroc": auroc}, "timings": {},
-              "artefacts": [], "pretrained": False, "eval_resolution": 224, "n_test": 14}
+def _record(category: str, shots: int, seed: int, variant: str, auroc: float, **extra) -> dict:
+    computes = {"dataset": "demo", "category": category, "shots": shots, "seed": seed, "variant": variant,
+                "config": {"backbone": {"name": "apt-tiny", "pretrained": None}}}
+    record = {"key": f"{category}/k{shots}/s{seed}/{variant}", "id": cell_id(computes), "computes": computes,
+              "category": category, "shots": shots, "seed": seed, "variant": variant,
+              "metrics": {"image_auroc": auroc}, "timings": {}, "artefacts": [], "pretrained": False,
+              "eval_resolution": 224, "n_test": 14, "ran": {"device": "cpu"}}
     record.update(extra)
     return record
 
 
 @pytest.fixture
 def store(tmp_path):
-    """A claimed run folder (brick, grass × shots 1, 2 × seeds 0, 1 × apt + zero-shot human) with every cell."""
-    folder = tmp_path / "run"
-    folder.mkdir()
+    """A run folder (brick, grass × shots 1, 2 × seeds 0, 1 × apt + zero-shot human) with every cell."""
+    folder = Folder(tmp_path / "run", create=True)
     store = RunStore(folder)
-    store.claim(_identity())
-    identity = store.identity()
+    layout = store.claim(_layout())
     value = iter(range(100))
-    for cell in plan_of(identity):
-        store.append(_record(identity, cell.category, cell.shots, cell.seed, cell.method, 0.5 + next(value) / 100))
-    return store
+    for cell in plan(layout["categories"], layout["shots"], layout["seeds"], list(layout["variants"]), ["human"]):
+        store.append(_record(cell.category, cell.shots, cell.seed, cell.variant, 0.5 + next(value) / 100))
+    yield store
+    folder.close()
 
 
 def test_zero_shot_methods_are_planned_once_per_category():
@@ -54,13 +55,13 @@ def test_zero_shot_methods_are_planned_once_per_category():
 
 def test_table_rows_follow_the_plan_whatever_order_cells_finished_in(store):
     """Ray appends cells in completion order: the table must not care (the old table followed the file)."""
-    identity = store.identity()
+    layout = store.layout()
     cells = list(store.cells().values())
     shuffled = cells[:]
     random.Random(3).shuffle(shuffled)
     assert shuffled != cells
-    expected = [(r["category"], r["shots"], r["method"]) for r in table_rows(identity, cells)]
-    assert [(r["category"], r["shots"], r["method"]) for r in table_rows(identity, shuffled)] == expected
+    expected = [(r["category"], r["shots"], r["variant"]) for r in table_rows(layout, cells)]
+    assert [(r["category"], r["shots"], r["variant"]) for r in table_rows(layout, shuffled)] == expected
     assert expected == [("brick", 0, "human"), ("brick", 1, "apt"), ("brick", 2, "apt"), ("grass", 0, "human"),
                         ("grass", 1, "apt"), ("grass", 2, "apt"), ("mean", 0, "human"), ("mean", 1, "apt"),
                         ("mean", 2, "apt")]
@@ -68,8 +69,8 @@ def test_table_rows_follow_the_plan_whatever_order_cells_finished_in(store):
 
 def test_one_seed_shows_no_std_and_human_appears_once(store):
     """Old tables printed "± 0.0" for one seed and repeated the zero-shot human row for every k."""
-    markdown = table_markdown(store.identity(), store.cells())
-    human = [line for line in markdown.splitlines() if "| human |" in line]
+    markdown = table_markdown(store.layout(), store.cells())
+    human = [line for line in markdown.split("**Paired")[0].splitlines() if "| human |" in line]
     assert len(human) == 3  # brick, grass, mean — not once per shot count
     assert "| human | 0 | brick | 1 | 50.0 |" in markdown  # n = 1: no "± 0.0"
     # brick k1 apt: seeds 0, 1 → 0.51, 0.52: mean 51.5, sample std 0.71 (in percent)
@@ -78,37 +79,30 @@ def test_one_seed_shows_no_std_and_human_appears_once(store):
 
 
 def test_table_csv_is_in_percent_like_the_markdown(store):
-    rows = table_csv(store.identity(), store.cells()).splitlines()
-    assert rows[0].startswith("method,shots,category,n,image_auroc_pct,image_auroc_std_pct")
-    assert "apt,1,brick,2,51.50,0.71" + ",," * 4 in rows
+    rows = table_csv(store.layout(), store.cells()).splitlines()
+    assert rows[0].startswith("variant,shots,category,n,image_auroc_pct,image_auroc_std_pct")
+    assert "apt,1,brick,2,51.5,0.7" + ",," * 4 in rows
 
 
-def test_a_foreign_cell_is_refused_naming_the_file_and_line(store):
-    """A planted cell for a category not in the run changed the old table silently."""
-    identity = store.identity()
-    store.append(_record(identity, "gravel", 1, 0, "apt", 0.1))
-    with pytest.raises(CorruptFileError, match=rf"{CELLS_FILE}, line 11: cell gravel/k1/s0/apt is not in this run"):
+def test_an_edited_line_and_a_second_computation_of_a_cell_are_refused(store, tmp_path):
+    edited = _record("brick", 1, 0, "apt", 0.51)
+    edited["computes"]["config"]["train"] = {"steps": 5}  # its identity edited, its id not
+    store.append(edited)
+    with pytest.raises(CorruptFileError, match="line 11: its id .* is not the hash of what it computes"):
         store.cells()
-    with pytest.raises(CorruptFileError, match="line 11"):
-        write_tables(store.folder)
-
-
-def test_a_conflicting_duplicate_and_another_runs_line_are_refused(store, tmp_path):
-    identity = store.identity()
-    store.append(_record(identity, "brick", 1, 0, "apt", 0.99))  # the same cell, another result
+    (store.folder.path / CELLS_FILE).write_text("".join((store.folder.path / CELLS_FILE).read_text()
+                                                        .splitlines(keepends=True)[:-1]))
+    other = _record("brick", 1, 0, "apt", 0.51)
+    other["computes"]["config"]["train"] = {"steps": 5}
+    other["id"] = cell_id(other["computes"])  # the same name, another computation
+    store.append(other)
     with pytest.raises(CorruptFileError, match="line 11: a second, different result for cell brick/k1/s0/apt"):
-        store.cells()
-    other = _record(identity, "brick", 1, 0, "apt", 0.51)
-    other["run"] = "0123456789abcdef"
-    lines = (store.folder / CELLS_FILE).read_text().splitlines(keepends=True)
-    (store.folder / CELLS_FILE).write_text("".join(lines[:-1]) + json.dumps(other) + "\n")
-    with pytest.raises(CorruptFileError, match="line 11: written by another run"):
         store.cells()
 
 
 def test_an_exact_duplicate_line_is_the_same_cell(store):
-    first = (store.folder / CELLS_FILE).read_text().splitlines()[0]
-    append_line(store.folder / CELLS_FILE, first)
+    first = (store.folder.path / CELLS_FILE).read_text().splitlines()[0]
+    store.folder.append(CELLS_FILE, first)
     assert len(store.cells()) == 10
 
 
@@ -119,58 +113,33 @@ def test_an_exact_duplicate_line_is_the_same_cell(store):
 ])
 def test_malformed_lines_name_the_line_and_repair_moves_them_aside(store, line, problem):
     """The old reader raised a bare KeyError: 'key'."""
-    append_line(store.folder / CELLS_FILE, line)
+    store.folder.append(CELLS_FILE, line)
     with pytest.raises(CorruptFileError, match=rf"cells.jsonl, line 11: {problem}.*--repair"):
         store.cells()
     assert len(store.cells(repair=True)) == 10
-    rejected = [json.loads(x) for x in (store.folder / REJECTED_FILE).read_text().splitlines()]
+    rejected = [json.loads(x) for x in (store.folder.path / REJECTED_FILE).read_text().splitlines()]
     assert rejected[0]["line"].strip() == line and problem in rejected[0]["problem"]
     assert len(store.cells()) == 10  # the file is clean again
 
 
 def test_a_cut_off_last_line_is_no_cell_and_is_cut_before_appending(store):
-    with open(store.folder / CELLS_FILE, "ab") as handle:
+    with open(store.folder.path / CELLS_FILE, "ab") as handle:
         handle.write(b'{"key": "brick/k1/s0/ap')
     assert len(store.cells()) == 10
     assert store.cut_partial_line() == len(b'{"key": "brick/k1/s0/ap')
-    assert (store.folder / CELLS_FILE).read_bytes().endswith(b"\n")
+    assert (store.folder.path / CELLS_FILE).read_bytes().endswith(b"\n")
 
 
-def test_another_run_is_refused_unless_nothing_finished(store, tmp_path):
-    with pytest.raises(RunMismatchError, match=r"holds another run \(shots: \[1, 2\] → \[4\].*--overwrite"):
-        store.claim(_identity(shots=(4,)))
-    fresh = RunStore(tmp_path / "fresh")
-    fresh.folder.mkdir()
-    fresh.claim(_identity())  # a run killed before its first cell leaves only run.json (and its lock) ...
-    fresh.claim(_identity(shots=(4,)))  # ... which the next run claims without --overwrite
-    assert fresh.identity()["shots"] == [4]
-
-
-def test_overwrite_deletes_only_the_manifest(store):
-    (store.folder / "cells" / "brick").mkdir(parents=True)
-    (store.folder / "notes.txt").write_text("mine")
-    identity = store.identity()
-    store.claim(_identity(shots=(4,)), overwrite=True)
-    assert sorted(p.name for p in store.folder.iterdir()) == ["cells", "notes.txt", RUN_FILE]
-    assert store.identity()["shots"] == [4] and identity["shots"] == [1, 2]
-
-
-def test_overwrite_on_a_folder_that_is_not_a_run_is_refused(tmp_path):
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     """--overwrite once deleted a user's prompts/ and examples/ files in a folder that held no run."""
     folder = tmp_path / "mine"
     (folder / "prompts").mkdir(parents=True)
     (folder / "prompts" / "brick.json").write_text("{}")
     (folder / "examples.txt").write_text("keep me")
-    with pytest.raises(RunMismatchError, match="is not an apt_lab run folder.*--overwrite deletes only a run's own"):
-        RunStore(folder).claim(_identity(), overwrite=True)
+    with pytest.raises(RunMismatchError, match="is not an apt_lab run folder.*writes only into folders it made"), \
+            Folder(folder) as opened:
+        RunStore(opened).claim(_layout())
     assert (folder / "prompts" / "brick.json").read_text() == "{}" and (folder / "examples.txt").exists()
-
-
-def test_a_folder_in_the_old_format_is_refused_in_one_line(tmp_path):
-    (tmp_path / "results.json").write_text("{}")
-    with pytest.raises(CorruptFileError, match=r"apt_lab 0.2's format \(results.json\).*another --name") as error:
-        RunStore(tmp_path).identity()
-    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------ the safe file layer
@@ -178,11 +147,11 @@ def test_a_folder_in_the_old_format_is_refused_in_one_line(tmp_path):
 def test_a_link_planted_as_cells_or_lock_is_refused_and_the_target_untouched(store, tmp_path, name):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (store.folder / name).unlink(missing_ok=True)
-    (store.folder / name).symlink_to(victim)
+    (store.folder.path / name).unlink(missing_ok=True)
+    (store.folder.path / name).symlink_to(victim)
     with pytest.raises(UnsafeNameError, match="is a symbolic link"):
         if name == LOCK_NAME:
-            with folder_lock(store.folder):
+            with folder_lock(store.folder.path):
                 pass
         else:
             store.append({"key": "x"})
@@ -193,37 +162,78 @@ def test_a_link_planted_as_cells_or_lock_is_refused_and_the_target_untouched(sto
 def test_a_link_planted_as_an_output_is_replaced_never_followed(store, tmp_path, name):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (store.folder / name).unlink(missing_ok=True)
-    (store.folder / name).symlink_to(victim)
-    atomic_write(name, lambda tmp: tmp.write_text("new"), store.folder)
+    (store.folder.path / name).unlink(missing_ok=True)
+    (store.folder.path / name).symlink_to(victim)
+    store.folder.write(name, "new")
     assert victim.read_text() == "precious"
-    assert not (store.folder / name).is_symlink() and (store.folder / name).read_text() == "new"
+    assert not (store.folder.path / name).is_symlink() and (store.folder.path / name).read_text() == "new"
 
 
 def test_temporary_files_are_fresh_so_a_planted_tmp_link_is_never_written(store, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     for name in ("table.md.tmp", "table.csv.tmp", "results.json.tmp", "report.html.tmp"):
-        (store.folder / name).symlink_to(victim)
-    write_tables(store.folder)
-    assert victim.read_text() == "precious" and (store.folder / "table.md").is_file()
-
-
-def test_a_link_planted_as_an_artefact_folder_is_refused(store, tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (store.folder / "cells").symlink_to(outside)
-    with pytest.raises(UnsafeNameError, match="cells is a symbolic link"):
-        atomic_write("cells/brick.safetensors", lambda tmp: tmp.write_text("x"), store.folder)
-    assert not any(outside.iterdir())
-    assert remove_files(store.folder, ["cells"]) == ["cells"]  # the link itself goes, never what it points at
-    assert outside.is_dir()
+        (store.folder.path / name).symlink_to(victim)
+    write_tables(store.folder.path)
+    assert victim.read_text() == "precious" and (store.folder.path / "table.md").is_file()
 
 
 def test_the_store_reader_imports_no_torch(store):
-    code = (f"import sys; import apt_lab.store as s; s.write_tables({str(store.folder)!r}); "
+    code = (f"import sys; import apt_lab.store as s; s.write_tables({str(store.folder.path)!r}); "
             "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------------------------------ paired differences (issue 25)
+def test_paired_differences_of_a_two_seed_ablation_match_a_hand_computation(tmp_path):
+    """The old table printed means and stds side by side: no paired difference, no interval."""
+    import numpy as np
+
+    from apt_lab.store import BOOTSTRAP, components, paired_differences
+
+    methods = ("apt", "no-smgs", "no-roi", "no-roi-no-smgs")
+    auroc = {("brick", 0): (0.90, 0.85, 0.88, 0.80), ("brick", 1): (0.92, 0.86, 0.90, 0.84),
+             ("grass", 0): (0.70, 0.71, 0.69, 0.66), ("grass", 1): (0.74, 0.70, 0.73, 0.70)}
+    with Folder(tmp_path / "run", create=True) as folder:
+        store = RunStore(folder)
+        layout = store.claim(_layout(shots=(1,), methods=methods))
+        for (category, seed), values in auroc.items():
+            for variant, value in zip(methods, values):
+                store.append(_record(category, 1, seed, variant, value))
+        cells = store.cells()
+    by_variant = {d["variant"]: d for d in paired_differences(layout, cells.values())}
+    # no-smgs − apt over the pairs (brick, 0), (brick, 1), (grass, 0), (grass, 1), by hand:
+    diffs = [0.85 - 0.90, 0.86 - 0.92, 0.71 - 0.70, 0.70 - 0.74]
+    assert by_variant["no-smgs"]["n"] == 4 and by_variant["no-smgs"]["mean"] == pytest.approx(-0.035)
+    resampled = np.array(diffs)[np.random.default_rng(0).integers(0, 4, (BOOTSTRAP, 4))].mean(1)
+    assert (by_variant["no-smgs"]["low"], by_variant["no-smgs"]["high"]) == pytest.approx(
+        tuple(np.percentile(resampled, [2.5, 97.5])))
+    assert by_variant["no-smgs"]["over"] == "pairs" and -0.06 <= by_variant["no-smgs"]["low"] < -0.035
+    roi = [c for c in components(layout, cells.values()) if c["component"] == "ROI"][0]
+    # ROI on − off, paired over (category, seed) and both SMGS states: (apt − no-roi) and (no-smgs − no-roi-no-smgs)
+    hand = [0.90 - 0.88, 0.92 - 0.90, 0.70 - 0.69, 0.74 - 0.73, 0.85 - 0.80, 0.86 - 0.84, 0.71 - 0.66, 0.70 - 0.70]
+    assert roi["n"] == 8 and roi["mean"] == pytest.approx(sum(hand) / 8)
+    markdown = table_markdown(layout, cells)
+    assert "**Paired differences to apt**" in markdown and "| no-smgs | 1 | 4 | -3.5 | [" in markdown
+    assert "| ROI | 1 | 8 | 2.2 |" in markdown
+    csv_rows = table_csv(layout, cells).splitlines()
+    assert csv_rows[0].endswith("diff_low_pct,diff_high_pct,resampled")
+    assert any(r.startswith("no-smgs,1,difference to apt,4,-3.5,") and r.endswith(",pairs") for r in csv_rows)
+
+
+def test_one_pair_is_resampled_over_test_images(tmp_path):
+    scores = {"apt": [0.1, 0.2, 0.3, 0.8, 0.9, 0.7], "x": [0.1, 0.5, 0.3, 0.4, 0.9, 0.2]}
+    labels = [0, 0, 0, 1, 1, 1]
+    with Folder(tmp_path / "run", create=True) as folder:
+        store = RunStore(folder)
+        layout = store.claim(_layout(categories=("brick",), shots=(1,), seeds=(0,), methods=("apt", "x")))
+        for variant, value in (("apt", 1.0), ("x", 0.5555555555555556)):
+            store.append(_record("brick", 1, 0, variant, value, image_scores=scores[variant], labels=labels))
+        cells = store.cells()
+    from apt_lab.store import paired_differences
+
+    (d,) = paired_differences(layout, cells.values())
+    assert d["n"] == 1 and d["over"] == "test images" and d["low"] < d["mean"] < d["high"] <= 0

@@ -12,22 +12,35 @@ from pathlib import Path
 import pytest
 
 from apt_lab.config import APTConfig
+from apt_lab.data.files import Folder
 from apt_lab.data.readers import DEMO_ROOT
 from apt_lab.errors import RunMismatchError
-from apt_lab.store import CELLS_FILE, RUN_FILE, RunStore, write_tables
-from apt_lab.sweep import run_sweep
+from apt_lab.store import CELLS_FILE, RUN_FILE, read_run, write_tables
+from apt_lab.sweep import Plan, Ray, run_sweep
 
 CATEGORIES = ("brick", "coins")
-ARGS = dict(shots=(1,), seeds=(0, 1), methods=("apt", "human"), vary={"train.steps": [2, 3]})
+ARGS = dict(categories=CATEGORIES, shots=(1,), seeds=(0, 1), methods=("apt", "human"), vary={"train.steps": [2, 3]})
 N_CELLS = len(CATEGORIES) * (1 * 2 * 2 + 1)  # apt: 1 shot count × 2 seeds × 2 steps; human: zero-shot, once each
 
 
 def read_cells(folder) -> dict:
-    return RunStore(folder).cells()
+    """The folder's finished cells, checked; none while it holds no run yet."""
+    if not (Path(folder) / RUN_FILE).is_file():
+        return {}
+    with Folder(folder) as opened:
+        return read_run(opened)[2]
 
 
-def small_config() -> APTConfig:
-    return APTConfig.preset("quick", train__steps=3, train__pool_size=4, train__batch_size=4, score__batch_size=8)
+SMALL = dict(train__steps=3, train__pool_size=4, train__batch_size=4, score__batch_size=8)
+
+
+def small_config(**changes) -> APTConfig:
+    return APTConfig.preset("quick", **{**SMALL, **changes})
+
+
+def plan(root, config=None) -> Plan:
+    """The module's sweep: two MVTec-layout categories, one shot count, two seeds, APT at 2 and 3 steps, human."""
+    return Plan("mvtec", config or small_config(), root=str(root), **ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +64,7 @@ def mvtec_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(mvtec_root, tmp_path_factory):
-    folder = run_sweep("mvtec", small_config(), root=mvtec_root, categories=CATEGORIES,
-                       out=tmp_path_factory.mktemp("runs"), name="whole", progress=False, **ARGS)
+    folder = run_sweep(plan(mvtec_root), out=tmp_path_factory.mktemp("runs"), name="whole", progress=False)
     return folder, read_cells(folder)
 
 
@@ -66,11 +78,13 @@ def test_sweep_records_every_cell_once_with_its_draws(uninterrupted, mvtec_root)
     assert len(cells) == N_CELLS
     lines = (folder / CELLS_FILE).read_text().splitlines()
     assert len(lines) == N_CELLS  # one line per cell, nothing duplicated
-    identity = json.loads((folder / RUN_FILE).read_text())
-    assert identity["draws"]["brick"]["1"] == cells["brick/k1/s0/apt train.steps=3"]["shot_indices"]
-    assert identity["apt_lab"] and identity["config"]["train"]["steps"] == 3
-    assert identity["vary"] == {"train.steps": [2, 3]}
-    assert identity["variants"]["apt train.steps=2"]["settings"] == {"train.steps": 2}
+    layout = json.loads((folder / RUN_FILE).read_text())
+    assert layout["vary"] == {"train.steps": [2, 3]} and layout["categories"] == list(CATEGORIES)
+    assert layout["variants"]["apt train.steps=2"] == {"method": "apt", "settings": {"train.steps": 2},
+                                                       "zero_shot": False}
+    cell = cells["brick/k1/s0/apt train.steps=3"]  # what it computes: its draw and its resolved config
+    assert cell["computes"]["draw"] == cell["shot_indices"] and cell["computes"]["config"]["train"]["steps"] == 3
+    assert cell["ran"]["apt_lab"] and cell["ran"]["device"] == "cpu"  # where it ran: beside, never in, its id
     # human prompts are zero-shot: one cell per category, no shots; seeds change APT's numbers
     assert "brick/k0/s0/human" in cells and cells["brick/k0/s0/human"]["shot_indices"] == []
     assert cells["brick/k1/s0/apt train.steps=3"]["metrics"] != cells["brick/k1/s1/apt train.steps=3"]["metrics"]
@@ -81,8 +95,7 @@ def test_sweep_records_every_cell_once_with_its_draws(uninterrupted, mvtec_root)
 def test_rerun_skips_finished_cells(uninterrupted, mvtec_root, capsys):
     folder, cells = uninterrupted
     before = (folder / CELLS_FILE).read_bytes()
-    run_sweep("mvtec", small_config(), root=mvtec_root, categories=CATEGORIES, out=folder.parent, name=folder.name,
-              progress=False, **ARGS)
+    run_sweep(plan(mvtec_root), out=folder.parent, name=folder.name, progress=False)
     assert f"{N_CELLS} cells done, 0 to run" in capsys.readouterr().out
     assert (folder / CELLS_FILE).read_bytes() == before
 
@@ -90,12 +103,10 @@ def test_rerun_skips_finished_cells(uninterrupted, mvtec_root, capsys):
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_table(uninterrupted, mvtec_root, tmp_path):
     folder, cells = uninterrupted
-    script = (f"from apt_lab.sweep import run_sweep; from apt_lab.config import APTConfig\n"
-              f"cfg = APTConfig.preset('quick', train__steps=3, train__pool_size=4, train__batch_size=4, "
-              f"score__batch_size=8)\n"
-              f"run_sweep('mvtec', cfg, root={str(mvtec_root)!r}, categories={list(CATEGORIES)!r}, "
-              f"out={str(tmp_path)!r}, name='killed', progress=False, shots=(1,), seeds=(0, 1), "
-              f"methods=('apt', 'human'), vary={{'train.steps': [2, 3]}})\n")
+    script = (f"from apt_lab.config import APTConfig; from apt_lab.sweep import Plan, run_sweep\n"
+              f"config = APTConfig.preset('quick', **{SMALL!r})\n"
+              f"run_sweep(Plan('mvtec', config, root={str(mvtec_root)!r}, **{ARGS!r}), out={str(tmp_path)!r}, "
+              f"name='killed', progress=False)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -112,8 +123,7 @@ def test_killed_sweep_resumes_to_the_same_table(uninterrupted, mvtec_root, tmp_p
     assert 2 <= len(partial) < N_CELLS
     with open(killed / CELLS_FILE, "ab") as handle:  # a kill in the middle of a write leaves a cut-off line
         handle.write(b'{"key": "coins/k1/s0/apt train.st')
-    run_sweep("mvtec", small_config(), root=mvtec_root, categories=CATEGORIES, out=tmp_path, name="killed",
-              progress=False, **ARGS)
+    run_sweep(plan(mvtec_root), out=tmp_path, name="killed", progress=False)
     resumed = read_cells(killed)
     assert len((killed / CELLS_FILE).read_text().splitlines()) == N_CELLS  # no lost and no duplicated cell
     assert _metrics(resumed) == _metrics(cells)
@@ -121,16 +131,22 @@ def test_killed_sweep_resumes_to_the_same_table(uninterrupted, mvtec_root, tmp_p
 
 
 @pytest.mark.slow
-def test_a_changed_config_is_refused(uninterrupted, mvtec_root):
+def test_a_changed_config_is_refused_and_an_unread_one_is_not(uninterrupted, mvtec_root, capsys):
     folder, _ = uninterrupted
-    with pytest.raises(RunMismatchError, match=r"holds another run \(config.train.steps: 3 → 4\).*--overwrite"):
-        run_sweep("mvtec", small_config().replace(train__steps=4), root=mvtec_root, categories=CATEGORIES,
-                  out=folder.parent, name=folder.name, progress=False, **ARGS)
+    before = (folder / CELLS_FILE).read_bytes(), (folder / RUN_FILE).read_bytes()
+    with pytest.raises(RunMismatchError, match=r"config\.train\.pool_size: 4 → 5.*--overwrite"):
+        run_sweep(plan(mvtec_root, small_config(train__pool_size=5)), out=folder.parent, name=folder.name,
+                  progress=False)
+    # the base train.steps is what every variant sets itself (vary train.steps=2,3): no cell computes it
+    run_sweep(plan(mvtec_root, small_config(train__steps=4)), out=folder.parent, name=folder.name, progress=False)
+    assert f"{N_CELLS} cells done, 0 to run" in capsys.readouterr().out
+    assert ((folder / CELLS_FILE).read_bytes(), (folder / RUN_FILE).read_bytes()) == before
 
 
 def test_unknown_method_fails_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'stripes'.*--plugin"):
-        run_sweep("demo", small_config(), categories=["brick"], methods=("stripes",), out=tmp_path, progress=False)
+        run_sweep(Plan("demo", small_config(), categories=("brick",), methods=("stripes",)), out=tmp_path,
+                  progress=False)
     assert not any(tmp_path.iterdir())
 
 
@@ -154,8 +170,7 @@ def test_a_plugin_perturbation_becomes_a_method(tmp_path):
 def test_ray_executor_gives_the_local_cells(uninterrupted, mvtec_root, tmp_path):
     pytest.importorskip("ray", reason="the cluster extra: pip install 'apt-lab[cluster]'")
     folder, cells = uninterrupted
-    ray_folder = run_sweep("mvtec", small_config(), root=mvtec_root, categories=CATEGORIES, out=tmp_path,
-                           name="ray", executor="ray", workers=2, progress=False, **ARGS)
+    ray_folder = run_sweep(plan(mvtec_root), out=tmp_path, name="ray", executor=Ray(workers=2), progress=False)
     assert _metrics(read_cells(ray_folder)) == _metrics(cells)
     assert len((ray_folder / CELLS_FILE).read_text().splitlines()) == N_CELLS
     # the table follows the plan, not the order Ray's tasks finished in (the old table followed the file)
@@ -178,7 +193,7 @@ def test_cli_sweep_then_table_and_a_run_folder_too(mvtec_root, tmp_path, capsys)
     assert "RANDOM weights" in out and "224 px" in out
     page = (tmp_path / "cli" / "report.html").read_text()
     assert "RANDOM weights" in page and "plotly.min.js" in page and "class='mean'" in page
-    assert (tmp_path / "cli" / "table.csv").read_text().splitlines()[0].startswith("method,shots,category,n,")
+    assert (tmp_path / "cli" / "table.csv").read_text().splitlines()[0].startswith("variant,shots,category,n,")
     # a run folder is the same format: `apt-lab table` reads it (it raised [Errno 2] ... sweep.json before)
     run = ["run", "--dataset", "mvtec", "--root", str(mvtec_root), "--categories", "brick", "--preset", "quick",
            "--steps", "2", "--out", str(tmp_path), "--name", "one", "--no-progress"]
@@ -205,7 +220,7 @@ def test_vary_values_are_checked_by_the_config_before_anything_runs(tmp_path):
 
     for bad in (["smgs.lam=-1"], ["smgs.nope=1"], ["train.steps=two"]):
         with pytest.raises((ConfigError, ValueError), match=r"smgs\.lam|nope|steps"):
-            run_sweep("demo", small_config(), categories=["brick"], methods=("apt",), vary=parse_vary(bad),
+            run_sweep(Plan("demo", small_config(), categories=("brick",), methods=("apt",), vary=parse_vary(bad)),
                       out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="KEY=V1,V2"):
         parse_vary(["smgs.lam"])
@@ -230,8 +245,8 @@ def test_the_paper_ablation_expands_to_its_documented_variants(tmp_path):
 
 @pytest.mark.slow
 def test_a_variant_with_another_resolution_gets_its_own_features(tmp_path):
-    folder = run_sweep("demo", small_config(), categories=["brick"], shots=(1,), seeds=(0,), methods=("human",),
-                       vary={"backbone.image_size": [224, 160]}, out=tmp_path, progress=False)
+    folder = run_sweep(Plan("demo", small_config(), categories=("brick",), shots=(1,), seeds=(0,),
+                            methods=("human",), vary={"backbone.image_size": [224, 160]}), out=tmp_path, progress=False)
     cells = read_cells(folder)
-    assert {c["method"]: c["eval_resolution"] for c in cells.values()} == {
+    assert {c["variant"]: c["eval_resolution"] for c in cells.values()} == {
         "human backbone.image_size=224": 224, "human backbone.image_size=160": 160}

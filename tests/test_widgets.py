@@ -131,7 +131,7 @@ def test_map_viewer_controls(scored_set, backend):
     viewer.controls["image"].value = 1
     assert "anomalous" in viewer.figure.layout.title.text and "0.900" in viewer.figure.layout.title.text
     assert viewer.controls["image"].options[1][0] == "#1 b · anomalous · score 0.900"
-    assert "IoU with the ground truth 1.00" in viewer.info.value  # the square, thresholded at 0.5, is the mask
+    assert "IoU with the ground truth 100.0%" in viewer.info.value  # the square, thresholded at 0.5, is the mask
     assert [t.name for t in viewer.figure.data].count("map ≥ threshold") == 1
 
     viewer.controls["image"].value = 2  # faint noise: global range keeps it blue, per image stretches it
@@ -175,9 +175,9 @@ def test_results_explorer_metric_and_axis(backend):
     explorer = widgets.results_explorer(rows, backend=backend)
     names = [t.name for t in explorer.figure.data]
     assert names == ["human", "APT"] and list(explorer.figure.data[1].x) == ["brick", "grass", "mean"]
-    assert explorer.figure.data[1].y[0] == pytest.approx(0.805)
+    assert explorer.figure.data[1].y[0] == pytest.approx(80.5)  # percent, like every table
     explorer.controls["metric"].value = "pixel_auroc"
-    assert explorer.figure.data[1].y[0] == pytest.approx(0.5)
+    assert explorer.figure.data[1].y[0] == pytest.approx(50)
     explorer.controls["x"].value = "variant"
     assert [t.name for t in explorer.figure.data] == ["brick", "grass", "mean"]  # mean over categories, per variant
     assert all("mean" not in list(t.x) for t in explorer.figure.data)  # never a mean across variants
@@ -221,7 +221,7 @@ def test_map_viewer_reports_no_iou_on_a_normal_image(scored_set):
     viewer.controls["image"].value = 0  # all zeros: nothing flagged
     assert "IoU" not in viewer.info_text and "nothing flagged" in viewer.info_text
     viewer.controls["image"].value = 1
-    assert "IoU with the ground truth 1.00" in viewer.info_text
+    assert "IoU with the ground truth 100.0%" in viewer.info_text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -232,7 +232,26 @@ def test_results_explorer_mean_is_over_categories_on_both_axes(backend):
     explorer.controls["x"].value = "variant"
     bars = {t.name: list(t.y) for t in explorer.figure.data}
     assert all(list(t.x) == ["human", "APT"] for t in explorer.figure.data)  # no "mean" variant
-    assert bars["mean"] == pytest.approx([0.6, 0.75]) and "over categories" in explorer.info_text
+    assert bars["mean"] == pytest.approx([60, 75]) and "over categories" in explorer.info_text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_explorer_shows_percent_with_one_decimal(backend):
+    """Issue 25: 05's explorer showed fractions with three decimals (and np.std caps) while the tables print
+    percent with one decimal and a sample std only where n ≥ 2."""
+    rows = [{"variant": v, "category": c, "seed": s, "image_auroc": a + 0.01 * s}
+            for v, a, seeds in (("human", 0.61234, (0,)), ("APT", 0.8, (0, 1))) for c in ("brick", "grass")
+            for s in seeds]
+    explorer = widgets.results_explorer(rows, backend=backend)
+    text = explorer.info_text
+    assert "macro mean over categories: human 61.2 %, APT 80.5 ± 0.7 %" in text, text
+    assert "in percent" in text and "0.61" not in text and "0.80" not in text
+    human, apt = explorer.figure.data
+    assert explorer.figure.layout.yaxis.title.text == "image AUROC (%)"
+    assert [c[0] for c in apt.customdata] == ["80.5 ± 0.7", "80.5 ± 0.7", "80.5 ± 0.7"]
+    assert human.error_y.visible is False and apt.error_y.width == 0  # n = 1: no bar; no caps anywhere
+    explorer.controls["x"].value = "variant"
+    assert "human 61.2 %, APT 80.5 ± 0.7 %" in explorer.info_text
 
 
 def test_display_bundle_holds_the_live_widget_and_a_static_copy(scored_set, monkeypatch):

@@ -91,19 +91,6 @@ def manifest(name: str) -> dict[str, int]:
     return dict(TRAIN_COUNTS.get(name, {}))
 
 
-def verify_dataset(name: str, root: str | os.PathLike) -> None:
-    """Check that ``root`` holds the whole of benchmark ``name``: every category of :func:`manifest` with its train
-    count, a mask for every defective test image (of its image's size) and both classes in every test set.
-
-    Raises:
-        IncompleteDatasetError: listing what is missing or wrong (at most 10 problems).
-    """
-    problems = _problems(name, Path(root))
-    if problems:
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise IncompleteDatasetError(f"{root} does not hold a complete {name}: " + "; ".join(problems[:10]) + more)
-
-
 def _problems(name: str, root: Path) -> list[str]:
     from .readers import list_categories, load_dataset
 

@@ -2,6 +2,19 @@
 
 `load_dataset` only *lists* files (and checks that every defective image has its mask); pixels are
 read when an item or a batch is requested, so loading is fast even for the full benchmarks.
+
+The ``"folder"`` format is data as you have it (docs/data.md, "The folder format")::
+
+    root/good/*.png                 normal images (train/test alternate unless train/ exists)
+    root/train/*.png                optional: normal train images; good/ is then all test
+    root/bad/*.png                  anomalous images, defect type "bad"
+    root/bad/<defect>/*.png         anomalous images, defect type <defect> (mixing with the line above is fine)
+    root/masks/<name>.png           optional mask of bad/<name>.png (or <name>_mask.png)
+    root/masks/<defect>/<name>.png  optional mask of bad/<defect>/<name>.png
+
+A root holding ``good/`` or ``train/`` is one category, named after the folder's real name. A root whose
+subfolders hold that layout (``root/<category>/good/`` ...) is a dataset of several categories, one per
+subfolder. A root that is both is refused (the message says how to split it).
 """
 from __future__ import annotations
 
@@ -9,7 +22,6 @@ import csv
 import hashlib
 import operator
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,10 +183,14 @@ class Split(Sequence):
             `apt_lab.metrics.evaluate`.
         """
         if not self.has_masks:
+            # once per process: a run asks once per cell
+            from ..metrics import warn_pixel_metrics_skipped
+
             missing = [r.path for r in self._records if r.label == 1 and r.mask_path is None]
-            warnings.warn(f"{self.name}/{self.category}: pixel metrics skipped — {len(missing)} of "
-                          f"{int(self.labels.sum())} anomalous test images have no mask (e.g. {missing[0]}); add "
-                          "masks for all of them to get pixel AUROC, AP, F1-max and AUPRO.", UserWarning, stacklevel=2)
+            warn_pixel_metrics_skipped(f"{self.name}/{self.category}: pixel metrics skipped — {len(missing)} of "
+                                       f"{int(self.labels.sum())} anomalous test images have no mask (e.g. "
+                                       f"{missing[0]}); add masks for all of them to get pixel AUROC, AP, F1-max "
+                                       "and AUPRO.")
             return None
         import torch
 
@@ -192,7 +208,11 @@ class Split(Sequence):
 
 @dataclass
 class Dataset:
-    """One category of a dataset: ``train`` (normal images only) and ``test`` splits."""
+    """One category of a dataset: ``train`` (normal images only) and ``test`` splits.
+
+    ``root`` is the folder the file paths are relative to (in `fingerprint`): the dataset's root, or for the
+    ``"folder"`` format the category's own folder, so that a category reads the same alone or beside others.
+    """
 
     name: str
     root: Path
@@ -200,7 +220,7 @@ class Dataset:
     train: Split
     test: Split
 
-    def check(self, k: int | None = None) -> "Dataset":
+    def check(self, k: int | None = None) -> Dataset:
         """Find, before any tuning, what would make the metrics fail or lie: a test set without both normal and
         anomalous images, a mask whose size differs from its image (headers only; no pixel is decoded), fewer
         train images than ``k`` shots. Raises DatasetCheckError naming the category and the file.
@@ -229,9 +249,15 @@ class Dataset:
         return self
 
     def fingerprint(self) -> str:
-        """SHA-256 over every file of the category: path relative to the root, size, modification time (whole
-        seconds), label and mask. Two listings with the same fingerprint give the same numbers; a replaced, added
-        or removed file changes it. Only file metadata is read."""
+        """SHA-256 over every file of the category: path relative to the root, label, and the file's bytes. The
+        same files give the same fingerprint wherever they lie (moved, copied, reached through a link); a
+        replaced, edited, added or removed file changes it.
+
+        Example:
+            >>> a = load_dataset("demo", category="brick")
+            >>> a.fingerprint() == load_dataset("demo", root=a.root, category="brick").fingerprint()
+            True
+        """
         digest = hashlib.sha256()
         for kind, split in (("train", self.train), ("test", self.test)):
             for rec in split._records:
@@ -239,9 +265,9 @@ class Dataset:
                     if path is None:
                         digest.update(b"-\n")
                         continue
-                    info = os.stat(path)
                     rel = os.path.relpath(path, self.root).replace(os.sep, "/")
-                    digest.update(f"{kind}|{rel}|{info.st_size}|{int(info.st_mtime)}|{rec.label}\n".encode())
+                    digest.update(f"{kind}|{rel}|{rec.label}|".encode())
+                    digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
         return digest.hexdigest()
 
     def __repr__(self) -> str:
@@ -297,7 +323,8 @@ def _check_root(name: str, root: Path) -> Path:
     if not root.is_dir():
         hint = (f"download it with `apt-lab download {name} {root}` (Python: apt_lab.data.download({name!r}, "
                 f"'{root}'))" if name != "folder"
-                else "create <root>/good/ (normal images), <root>/bad/ and optionally <root>/masks/")
+                else "create <root>/good/ (normal images), <root>/bad/ and optionally <root>/masks/ (or one such "
+                     "folder per category: <root>/<category>/good/ ...)")
         raise FileNotFoundError(f"Dataset root {root} does not exist or is not a folder. "
                                 f"Pass root= the folder that holds the data, or {hint}.")
     return root
@@ -424,26 +451,89 @@ def _list_visa(root: Path, category: str) -> tuple[list[_Record], list[_Record]]
     return train, test
 
 
-def _list_folder(root: Path, category: str) -> tuple[list[_Record], list[_Record]]:
-    good = _nonempty_images(root / "good", f"folder dataset {root}")
-    if (root / "train").is_dir():
-        train_files, test_good = _nonempty_images(root / "train", f"folder dataset {root}"), good
+_FOLDER_PARTS = ("good", "bad", "masks", "train")  # the folder format's own folder names, never categories
+
+
+def _holds_folder_format(folder: Path) -> bool:
+    """A folder is one category of the folder format when it holds ``good/`` or ``train/``."""
+    return (folder / "good").is_dir() or (folder / "train").is_dir()
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_categories(root: Path) -> dict[str, Path]:
+    """Category name -> its folder: ``{real name of root: root}`` when the root is one category, else one entry
+    per subfolder that holds the format. A root that is both, or neither, raises an error that names it."""
+    found = [p for p in _subfolders(root) if p.name not in _FOLDER_PARTS and _holds_folder_format(p)]
+    if _holds_folder_format(root):
+        if found:
+            names = ", ".join(f"{p.name}/" for p in found)
+            raise ValueError(
+                f"Folder dataset {root} is ambiguous: it holds good/ or train/ (so it is one category) and also "
+                f"category folders {names} (each with good/ or train/). Pass root={found[0]} to use one category, "
+                f"or move good/, bad/, masks/, train/ into a folder of their own (e.g. "
+                f"{root / Path(os.path.realpath(root)).name}/) so that {root} holds categories only.")
+        return {Path(os.path.realpath(root)).name: root}  # the folder's own name, not a link's
+    if not found:
+        seen = sorted(p.name for p in root.iterdir())[:20]
+        raise FileNotFoundError(
+            f"Folder dataset {root} holds neither good/ (one category: good/, bad/, optional masks/ and train/) nor "
+            f"category folders that each hold good/ or train/ (several categories); found {seen or 'nothing'}. "
+            "See the folder format in docs/data.md.")
+    return {check_name(p.name): p for p in found}
+
+
+def _folder_defects(folder: Path) -> list[tuple[str, list[Path], Path]]:
+    """(defect type, its images, the folder of its masks): ``bad/*`` is type "bad" with masks in ``masks/``;
+    each ``bad/<defect>/`` is type <defect> with masks in ``masks/<defect>/``."""
+    bad = folder / "bad"
+    if not bad.is_dir():
+        return []
+    out = [("bad", _images_in(bad), folder / "masks")]
+    for sub in _subfolders(bad):
+        defect = check_name(sub.name, "defect type")
+        if defect == "good":
+            raise ValueError(f"{sub}: 'good' names the normal images, not a defect type. Move these images to "
+                             f"{folder / 'good'}/ if they are normal, or rename the folder after the defect.")
+        nested = _subfolders(sub)
+        if nested:
+            raise ValueError(f"{nested[0]}: defect folders hold images only (bad/<defect>/<image>); move its images "
+                             f"up into {sub}/ or make it a defect folder of its own ({bad / nested[0].name}/).")
+        out.append((defect, _images_in(sub), folder / "masks" / defect))
+    return out
+
+
+def _list_folder(folder: Path, category: str) -> tuple[list[_Record], list[_Record]]:
+    if not (folder / "good").is_dir() and (folder / "test").is_dir():
+        raise FileNotFoundError(f"{folder} holds test/ but no good/: that is the MVTec layout (train/good/, "
+                                f"test/<defect>/, ground_truth/); read it as dataset 'mvtec' (--dataset mvtec).")
+    good = _nonempty_images(folder / "good", f"folder dataset {folder}")
+    if (folder / "train").is_dir():
+        train_files, test_good = _nonempty_images(folder / "train", f"folder dataset {folder}"), good
     else:                                     # alternate: even positions train, odd ones test
         if len(good) < 2:
-            raise ValueError(f"{root / 'good'} holds {len(good)} image; the folder format needs at "
-                             f"least 2 (half train, half test) or a separate {root / 'train'}/.")
+            raise ValueError(f"{folder / 'good'} holds {len(good)} image; the folder format needs at "
+                             f"least 2 (half train, half test) or a separate {folder / 'train'}/.")
         train_files, test_good = good[0::2], good[1::2]
-    bad = _images_in(root / "bad") if (root / "bad").is_dir() else []
-    masks = _mask_index(root / "masks")
     train = [_Record(str(p), None, 0, "good") for p in train_files]
     test = [_Record(str(p), None, 0, "good") for p in test_good]
-    test += [_Record(str(p), str(masks[p.stem]) if p.stem in masks else None, 1, "bad") for p in bad]
+    for defect, images, mask_dir in _folder_defects(folder):
+        masks = _mask_index(mask_dir)                                  # a missing mask: has_mask=False, allowed
+        test += [_Record(str(p), str(masks[p.stem]) if p.stem in masks else None, 1, defect) for p in images]
     return train, test
 
 
 # --- public entry points -------------------------------------------------------------------------
 def list_categories(name: str, root: str | os.PathLike | None = None) -> list[str]:
-    """Category names available for dataset ``name`` under ``root``."""
+    """Category names available for dataset ``name`` under ``root`` (sorted; for ``"folder"``: the root's real
+    name when it is one category, else its subfolders that hold ``good/`` or ``train/``).
+
+    Example:
+        >>> list_categories("demo")
+        ['brick', 'coins', 'grass', 'gravel']
+    """
     name = _check_name(name)
     root = _check_root(name, dataset_root(name, root))
     if name == "visa":
@@ -455,7 +545,7 @@ def list_categories(name: str, root: str | os.PathLike | None = None) -> list[st
                 raise type(err)(f"{root / 'split_csv' / '1cls.csv'} line {n}: {err}") from None
         return sorted({row["object"] for row in rows})
     if name == "folder":
-        return [root.name]
+        return list(_folder_categories(root))
     return _mvtec_categories(name, root)
 
 
@@ -468,19 +558,21 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
         root: dataset folder; default: the packaged demo for ``"demo"``, else
             ``$APT_LAB_DATA/<name>`` (``~/.cache/apt_lab/<name>``).
         category: category name; may be omitted when the dataset has a single category.
-            For ``"folder"`` it only names the items (default: the folder's name).
+            A ``"folder"`` root that is itself one category: it only names the items (default: the
+            folder's real name); a folder root of several categories: one of its subfolders.
 
     Returns:
         A `Dataset` with ``train`` and ``test`` `Split`s.
     """
     name = _check_name(name)
     root = _check_root(name, dataset_root(name, root))
-    if name == "folder":
-        category = check_name(category or root.name)
+    folders = _folder_categories(root) if name == "folder" else {}
+    if list(folders.values()) == [root]:     # a folder root that is itself one category: category= only names it
+        category = check_name(category or next(iter(folders)))
         train, test = _list_folder(root, category)
         return Dataset(name, root, category, Split(train, name=name, category=category, kind="train"),
                        Split(test, name=name, category=category, kind="test"))
-    cats = list_categories(name, root)
+    cats = list(folders) if name == "folder" else list_categories(name, root)
     if category is None:
         if len(cats) != 1:
             raise ValueError(f"{name} at {root} has {len(cats)} categories; pass category= one of: "
@@ -490,6 +582,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
     if category not in cats:
         raise ValueError(f"Unknown category {category!r} for {name} at {root}. Available: "
                          f"{', '.join(cats)}.")
-    train, test = _list_visa(root, category) if name == "visa" else _list_mvtec(name, root, category)
+    if name == "folder":                     # a category folder is its own root: the same files, one fingerprint
+        root = folders[category]
+        train, test = _list_folder(root, category)
+    else:
+        train, test = _list_visa(root, category) if name == "visa" else _list_mvtec(name, root, category)
     return Dataset(name, root, category, Split(train, name=name, category=category, kind="train"),
                    Split(test, name=name, category=category, kind="test"))

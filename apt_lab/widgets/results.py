@@ -1,6 +1,7 @@
 """``results_explorer``: benchmark rows as grouped bars, one metric at a time."""
 from __future__ import annotations
 
+import html
 from typing import Mapping, Sequence
 
 import ipywidgets as widgets
@@ -12,7 +13,8 @@ from ._view import PlotWidget
 
 
 class ResultsExplorer(PlotWidget):
-    """Controls ``metric`` and ``x`` (what goes on the axis: category or variant) over ``metrics_bar_figure``."""
+    """Controls ``metric`` and ``x`` (what goes on the axis: category or variant) over ``metrics_bar_figure``: bars
+    in percent with one decimal (hover), like every table, from rows whose metrics are fractions."""
 
     def __init__(self, rows: Sequence[Mapping], backend: str | None = None, metric: str | None = None):
         self.rows = [dict(row) for row in rows]
@@ -31,9 +33,17 @@ class ResultsExplorer(PlotWidget):
     def build_figure(self) -> go.Figure:
         metric, x = self.controls["metric"].value, self.controls["x"].value
         group = "variant" if x == "category" else "category"
-        self.info.value = (f"{len(self.rows)} rows; bars: mean ± std over seeds; 'mean' = macro mean over categories. "
-                           + plots.metric_legend([metric]))
-        return plots.metrics_bar_figure(self.rows, metric, x=x, group=group)
+        figure = plots.metrics_bar_figure(self.rows, metric, x=x, group=group)
+        means = {}  # variant → its macro-mean bar's text, read off the figure whichever way it is drawn
+        for trace in figure.data:
+            for at, (text, _) in zip(trace.x, trace.customdata):
+                if "mean" in (at, trace.name):
+                    means[trace.name if at == "mean" else at] = text
+        listed = ", ".join(f"{html.escape(str(name))} {text} %" for name, text in means.items())
+        summary = f"<b>{plots.metric_label(metric)}</b>, macro mean over categories: {listed}. " if means else ""
+        self.info.value = (summary + f"{len(self.rows)} rows; bars: mean ± std over seeds (std only where n ≥ 2). "
+                           + plots.metric_legend([metric], percent=True))
+        return figure
 
 
 def results_explorer(rows: Sequence[Mapping], backend: str | None = None, metric: str | None = None

@@ -71,7 +71,7 @@ class MapViewer(PlotWidget):
         info = [f"<b>{self._label(index)}</b>", f"map ≥ threshold on {predicted.mean():.1%} of pixels"]
         if mask is not None and mask.any():
             iou = (mask & predicted).sum() / (mask | predicted).sum()
-            info.append(f"IoU with the ground truth {iou:.2f}")
+            info.append(f"IoU with the ground truth {iou:.1%}")
         elif mask is not None:  # IoU is undefined without a true region: every flagged pixel is a false alarm
             flagged = int(predicted.sum())
             info.append("no defect in the ground truth: " + (f"the {flagged} flagged pixels are false alarms" if flagged
