@@ -35,7 +35,7 @@ import math
 import sys
 from pathlib import Path
 
-from .config import APTConfig, list_presets
+from .config import DRAWS, APTConfig, list_presets
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -153,7 +153,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", type=ablation_name, help="named variants instead of --methods: paper, perturbations")
     p.add_argument("--reference", help="the variant every other is compared with, paired by category, shots and "
                    "seed (default apt, else the first tuned variant)")
-    p.add_argument("--draw", choices=("fixed", "seed"), help="the k shots: fixed = the paper's nested lists (seeds "
+    p.add_argument("--draw", choices=DRAWS, help="the k shots: fixed = the paper's nested lists (seeds "
                    "vary training only); seed = each seed draws its own shots (default: the config's train.draw)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: this process; ray: categories spread over a Ray cluster (default local)")

@@ -74,7 +74,8 @@ def write_report(folder: str | Path, repair: bool = False) -> Path:
         rows = table_rows(identity, cells.values())
         metrics = metrics_of(identity)
         parts = [_header(opened.path, identity, cells), f"<p>{html.escape(caption(identity, cells))}</p>",
-                 _table(identity, rows), f"<p class='legend'>{html.escape(metric_legend(metrics, percent=True))}</p>"]
+                 _table(identity, rows), f"<p class='legend'>{html.escape(metric_legend(metrics, percent=True))}</p>",
+                 _comparison(identity, cells)]
         section = None
         for number, (heading, _, note, figure) in enumerate(_figures(opened, identity, cells, rows)):
             if heading != section:
@@ -87,6 +88,40 @@ def write_report(folder: str | Path, repair: bool = False) -> Path:
                 f"</title><style>{STYLE}</style></head><body>" + "\n".join(p for p in parts if p) + "</body></html>")
         opened.write_if_changed("report.html", page)
         return opened.path / "report.html"
+
+
+def _comparison(identity: dict, cells: dict) -> str:
+    """The table's paired differences to the reference and the component view (:mod:`apt_lab.store`), and the
+    note where two variants computed the same thing — the same numbers ``table.md`` prints, as HTML."""
+    from .store import components, paired_differences, reference_of, same_computation_note
+
+    if identity.get("experiment") == "severity":
+        return ""
+    parts, note = [], same_computation_note(cells.values())
+    if note:
+        parts.append(f"<p>{html.escape(note)}</p>")
+
+    def table(head: list[str], rows: list[list]) -> str:
+        return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows) + "</table>")
+
+    def interval(d: dict) -> str:
+        return "" if d["low"] is None else f"[{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+    differences = paired_differences(identity, cells.values())
+    if differences:
+        parts.append(f"<h2>Paired differences to {html.escape(reference_of(identity))}</h2><p>Image AUROC, percentage "
+                     "points: the mean over the (category, seed) pairs both variants ran, with a 95 % bootstrap "
+                     "interval — over the pairs, or over the test images when there is one pair.</p>")
+        parts.append(table(["variant", "shots", "pairs", "Δ image AUROC (points)", "95 % interval", "resampled"],
+                           [[d["variant"], d["shots"], d["n"], f"{100 * d['mean']:.1f}", interval(d), d["over"] or ""]
+                            for d in differences]))
+    view = components(identity, cells.values())
+    if view:
+        parts.append("<h2>Components</h2><p>What switching each on adds (image AUROC, percentage points), paired over "
+                     "(category, seed) and both states of the other component.</p>")
+        parts.append(table(["component", "shots", "pairs", "Δ image AUROC (points)", "95 % interval"],
+                           [[c["component"], c["shots"], c["n"], f"{100 * c['mean']:.1f}", interval(c)] for c in view]))
+    return "\n".join(parts)
 
 
 def report_figures(folder: str | Path) -> list[ReportFigure]:
@@ -172,6 +207,9 @@ def _bars(rows: list[dict], metric: str = "image_auroc"):
     return figure
 
 
+SHORT = {"fpr_at_threshold": "false-pos. rate", "tpr_at_threshold": "detection rate"}  # fit four panels at 700 px
+
+
 def severity_figure(rows: list[dict]):
     """The severity experiment's curves from :func:`~apt_lab.store.table_rows` of its folder: each metric (in
     percent, mean over seeds) against strength, one line per perturbation, one row of panels per category; the mean
@@ -191,7 +229,9 @@ def severity_figure(rows: list[dict]):
     strengths = [r["strength"] for r in rows if r.get("strength") is not None] or [0.0]
     fig = make_subplots(rows=len(categories), cols=len(SEVERITY_METRICS), shared_xaxes=True,
                         vertical_spacing=0.3 / len(categories),
-                        subplot_titles=[f"{c}<br>{metric_label(m)} (%)" for c in categories for m in SEVERITY_METRICS])
+                        subplot_titles=[f"{c}<br>{SHORT.get(m, metric_label(m))}" for c in categories
+                                        for m in SEVERITY_METRICS])
+    fig.update_annotations(font_size=12)
     for i, category in enumerate(categories):
         for j, metric in enumerate(SEVERITY_METRICS):
             place, first = dict(row=i + 1, col=j + 1), i == 0 and j == 0
@@ -221,8 +261,9 @@ def severity_figure(rows: list[dict]):
                                          showlegend=first, line=dict(color="grey", dash="dash")), **place)
     fig.update_yaxes(range=[-3, 103])
     fig.update_xaxes(title_text="strength", row=len(categories))
-    fig.update_layout(title="Detection against anomaly strength", height=240 * len(categories) + 140,
-                      margin=dict(t=90, b=40))
+    fig.update_yaxes(title_text="%", col=1)
+    fig.update_layout(title=dict(text="Detection against anomaly strength (%)", y=0.995, yanchor="top"),
+                      height=240 * len(categories) + 160, margin=dict(t=120, b=40))
     return fig
 
 

@@ -285,7 +285,7 @@ def severity_rows(backbone: Backbone, dataset: Dataset, config: APTConfig, spec,
                 if scored_test is None:  # this tuning's scores of the whole test set: (T,), maps (T, S, S)
                     scored_test = scored(store.features(dataset.test, None, radius))
                 (test_masks, normal), (test_scores, test_maps) = test, scored_test
-                defect = torch.tensor([d == kind[len("test:"):] for d in dataset.test.defects]) \
+                defect = torch.tensor([d == kind[len("test:"):] for d in dataset.test.defects], device=normal.device) \
                     & (dataset.test.labels == 1)  # (T,)
                 chosen = normal | defect
                 measured = _measure(test_scores[normal], test_scores[defect], test_maps[chosen],

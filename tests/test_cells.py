@@ -86,7 +86,18 @@ def test_one_more_seed_reuses_every_line_byte_for_byte_and_runs_only_the_new_cel
     assert json.loads((tmp_path / "r" / RUN_FILE).read_text())["seeds"] == [0, 1]
 
 
-def test_an_edited_plugin_is_refused_naming_it(tmp_path, capsys):
+@pytest.fixture
+def unregister():
+    """Perturbations a test's plugin registers leave the registry with the test (later tests list them all)."""
+    from apt_lab.perturbations import list_perturbations, unregister_perturbation
+
+    before = set(list_perturbations())
+    yield
+    for name in set(list_perturbations()) - before:
+        unregister_perturbation(name)
+
+
+def test_an_edited_plugin_is_refused_naming_it(tmp_path, capsys, unregister):
     plugin = tmp_path / "stripes_plugin.py"
     source = textwrap.dedent("""
         import apt_lab

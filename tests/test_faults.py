@@ -153,4 +153,4 @@ def test_a_category_called_mean_keeps_its_own_row(tmp_path):
     rows = list(csv.reader(open(write_tables(folder)[1])))
     assert [r[2] for r in rows] == ["category", "mean", "(mean)"]
     value = cells_of(folder)["mean/k0/s0/human"]["metrics"]["image_auroc"]
-    assert rows[1][4] == rows[2][4] == f"{value * 100:.2f}"
+    assert rows[1][4] == rows[2][4] == f"{value * 100:.1f}"

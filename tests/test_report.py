@@ -159,4 +159,4 @@ def test_write_report_draws_every_figure_under_its_section(tmp_path):
     page = report.write_report(tmp_path / "runs" / "run").read_text()
     figures = report.report_figures(tmp_path / "runs" / "run")
     assert page.count("Plotly.newPlot(") == len(figures) == 5 + 5 + 1 + 2
-    assert page.count("<h2>") == 5 and "<h2>Tuning loss</h2>" in page
+    assert page.count("<h2>") == 6 and "<h2>Tuning loss</h2>" in page and "<h2>Paired differences to apt smgs.lam=0</h2>" in page

@@ -89,8 +89,8 @@ def test_cells_tables_and_report_carry_the_intervals(mix_folder):
     markdown, table = write_tables(mix_folder)[2], list(csv.DictReader(open(mix_folder / "table.csv")))
     (row,) = [r for r in table if r["perturbation"] == "salt_pepper" and r["category"] == "brick"]
     record = _cells(mix_folder)["brick/k2/s0/apt/salt_pepper@0.5"]["metrics"]
-    assert float(row["fpr_at_threshold_low_pct"]) == pytest.approx(record["fpr_low"] * 100, abs=0.005)
-    assert float(row["tpr_at_threshold_high_pct"]) == pytest.approx(record["tpr_high"] * 100, abs=0.005)
+    assert float(row["fpr_at_threshold_low_pct"]) == pytest.approx(record["fpr_low"] * 100, abs=0.05)
+    assert float(row["tpr_at_threshold_high_pct"]) == pytest.approx(record["tpr_high"] * 100, abs=0.05)
     printed = (f"{record['fpr_at_threshold'] * 100:.1f} [{record['fpr_low'] * 100:.1f}, "
                f"{record['fpr_high'] * 100:.1f}]")
     assert printed in markdown  # e.g. "0.0 [0.0, 39.0]": the rate of one seed with its interval

@@ -222,6 +222,11 @@ def test_paired_differences_of_a_two_seed_ablation_match_a_hand_computation(tmp_
     csv_rows = table_csv(layout, cells).splitlines()
     assert csv_rows[0].endswith("diff_low_pct,diff_high_pct,resampled")
     assert any(r.startswith("no-smgs,1,difference to apt,4,-3.5,") and r.endswith(",pairs") for r in csv_rows)
+    from apt_lab.report import write_report
+
+    page = write_report(tmp_path / "run").read_text()
+    assert "Paired differences to apt" in page and "<td>no-smgs</td><td>1</td><td>4</td><td>-3.5</td>" in page
+    assert "<h2>Components</h2>" in page and "<td>ROI</td><td>1</td><td>8</td><td>2.2</td>" in page
 
 
 def test_one_pair_is_resampled_over_test_images(tmp_path):
