@@ -445,6 +445,32 @@ def _conflicts(existing: dict, resolved: _Resolved) -> tuple[list[str], set[str]
     return problems, stale
 
 
+def _fallen_back(existing: dict, resolved: _Resolved) -> set[str]:
+    """The planned cells that ran on random weights because their pretrained weights could not be had then, when
+    they can be had now: recomputed, never reused (the weights a cell asked for are in its identity; whether it got
+    them is known only once they load)."""
+    from .weights import resolve_weights
+
+    def wanted(key: str) -> tuple[str, str | None]:
+        backbone = existing[key]["computes"]["config"]["backbone"]
+        return backbone["name"], backbone.get("pretrained")
+
+    fallen = [key for key in resolved.computes if key in existing and not existing[key]["pretrained"]
+              and wanted(key)[1]]
+    available = {}
+    for key in fallen:
+        if wanted(key) not in available:
+            try:
+                available[wanted(key)] = bool(resolve_weights(*wanted(key)))
+            except Exception:  # still offline, or the tag went away: the random-weight cell stands (and says so)
+                available[wanted(key)] = False
+    now = {key for key in fallen if available[wanted(key)]}
+    if now:
+        print(f"{len(now)} cell(s) ran on random weights because the pretrained weights were unavailable then; "
+              "they are available now, so those cells run again", flush=True)
+    return now
+
+
 def run_sweep(p: Plan, *, out: str | Path = "runs", name: str | None = None, overwrite: bool = False,
               repair: bool = False, progress: bool = True, executor: Ray | None = None, backbone=None) -> Path:
     """Run every cell of plan ``p`` that ``<out>/<name>/`` does not hold yet; returns the folder.
@@ -472,6 +498,7 @@ def run_sweep(p: Plan, *, out: str | Path = "runs", name: str | None = None, ove
                     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
                     raise _mismatch(path, problems[:5], more)
                 store.claim(resolved.layout)
+                stale |= _fallen_back(existing, resolved)
                 if stale:
                     store.drop(stale)
                     existing = {k: v for k, v in existing.items() if k not in stale}

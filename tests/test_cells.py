@@ -372,3 +372,20 @@ def test_per_seed_draws_differ_by_seed_and_are_reused_on_resume(tmp_path, capsys
     assert main([*run[:-2], "--name", "fixed", "--draw", "fixed"]) == 0
     fixed = {r["seed"]: r["computes"]["draw"] for r in map(json.loads, lines(tmp_path / "fixed").splitlines())}
     assert fixed[0] == fixed[1]  # the paper's fixed draw: seeds vary training only
+
+
+def test_a_cell_that_fell_back_to_random_weights_reruns_once_the_weights_can_be_had(tmp_path, capsys, monkeypatch):
+    """Offline, a cell asking for ViT-B-32 / openai runs on random weights; the old store then reused it forever."""
+    import apt_lab.weights
+
+    plan = Plan("demo", APTConfig.preset("cpu", train__steps=1), categories=("brick",), shots=(1,), seeds=(0,),
+                methods=("apt",))
+    folder = run_sweep(plan, out=tmp_path, name="r", progress=False)
+    assert json.loads(lines(folder))["pretrained"] is False
+    run_sweep(plan, out=tmp_path, name="r", progress=False)  # still offline: the cell stands
+    assert "1 cells done, 0 to run" in capsys.readouterr().out
+    monkeypatch.setattr(apt_lab.weights, "resolve_weights", lambda name, pretrained: object())  # they can be had now
+    run_sweep(plan, out=tmp_path, name="r", progress=False)
+    out = capsys.readouterr().out
+    assert "1 cell(s) ran on random weights" in out and "0 cells done, 1 to run" in out
+    assert lines(folder).count(b"\n") == 1
