@@ -581,15 +581,18 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
 
 
 def format_metric(value, digits: int = 4) -> str:
-    """How every table prints a value: "" for None, "nan", fixed ``digits`` for floats, str() otherwise.
+    """How every table prints a value: "" for None, "nan", fixed ``digits`` for floats (never "-0.0"), str()
+    otherwise.
 
     Example:
         >>> format_metric(0.123456), format_metric(None), format_metric(float("nan")), format_metric(3, 2)
         ('0.1235', '', 'nan', '3')
+        >>> format_metric(-0.00001, 1)
+        '0.0'
     """
     if value is None:
         return ""
     if isinstance(value, (float, np.floating)):
-        return "nan" if np.isnan(value) else f"{value:.{digits}f}"
+        return "nan" if np.isnan(value) else f"{round(float(value), digits) + 0.0:.{digits}f}"
     return str(value)
 

@@ -106,21 +106,23 @@ def _comparison(identity: dict, cells: dict) -> str:
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows) + "</table>")
 
     def interval(d: dict) -> str:
-        return "" if d["low"] is None else f"[{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+        low, high = (None, None) if d["low"] is None else (100 * d["low"], 100 * d["high"])
+        return "" if low is None else f"[{format_metric(low, 1)}, {format_metric(high, 1)}]"
     differences = paired_differences(identity, cells.values())
     if differences:
         parts.append(f"<h2>Paired differences to {html.escape(reference_of(identity))}</h2><p>Image AUROC, percentage "
                      "points: the mean over the (category, seed) pairs both variants ran, with a 95 % bootstrap "
                      "interval — over the pairs, or over the test images when there is one pair.</p>")
         parts.append(table(["variant", "shots", "pairs", "Δ image AUROC (points)", "95 % interval", "resampled"],
-                           [[d["variant"], d["shots"], d["n"], f"{100 * d['mean']:.1f}", interval(d), d["over"] or ""]
-                            for d in differences]))
+                           [[d["variant"], d["shots"], d["n"], format_metric(100 * d["mean"], 1), interval(d),
+                             d["over"] or ""] for d in differences]))
     view = components(identity, cells.values())
     if view:
         parts.append("<h2>Components</h2><p>What switching each on adds (image AUROC, percentage points), paired over "
                      "(category, seed) and both states of the other component.</p>")
         parts.append(table(["component", "shots", "pairs", "Δ image AUROC (points)", "95 % interval"],
-                           [[c["component"], c["shots"], c["n"], f"{100 * c['mean']:.1f}", interval(c)] for c in view]))
+                           [[c["component"], c["shots"], c["n"], format_metric(100 * c["mean"], 1), interval(c)]
+                            for c in view]))
     return "\n".join(parts)
 
 

@@ -63,7 +63,8 @@ class Cell:
     @property
     def key(self) -> str:
         """The name a table and ``cells.jsonl`` know the cell by, e.g. ``brick/k2/s0/apt``."""
-        tail = "" if self.row is None else "/" + (self.row[0] if self.row[1] is None else f"{self.row[0]}@{self.row[1]}")
+        kind, strength = self.row or (None, None)
+        tail = "" if kind is None else f"/{kind}" + ("" if strength is None else f"@{strength}")
         return f"{self.category}/k{self.shots}/s{self.seed}/{self.variant}{tail}"
 
     @property
@@ -654,7 +655,7 @@ def _comparison_markdown(layout: dict, cells: dict) -> list[str]:
         lines += ["", f"**Paired differences to {_markdown_text(reference_of(layout))}** (image AUROC, percentage "
                   "points): mean over the (category, seed) pairs both variants ran, with a 95 % bootstrap interval "
                   "— over the pairs, or over the test images when there is one pair.", "",
-                  "| variant | shots | pairs | Δ image AUROC | 95 % interval | resampled |", "|---|---|---|---|---|---|"]
+                  "| variant | shots | pairs | Δ image AUROC | 95 % interval | resampled |", "|---" * 6 + "|"]
         lines += [f"| {_markdown_text(d['variant'])} | {d['shots']} | {d['n']} | {format_metric(d['mean'] * 100, 1)} "
                   f"| {_interval(d)} | {d['over'] or ''} |" for d in differences_]
     parts = components(layout, cells.values())
