@@ -144,17 +144,17 @@ ABLATIONS = {  # --ablation NAME → the variants it expands to (docs/sweeps.md 
 }
 
 
-def method_settings(method: str) -> tuple[str, dict]:
-    """A method name → (``apt`` or ``human``, the config settings it changes, by dotted name): a named variant
-    (:data:`NAMED_VARIANTS`) or a registered pixel perturbation (APT trained on that scheme alone)."""
-    if method in NAMED_VARIANTS:
-        kind, settings = NAMED_VARIANTS[method]
-        return kind, dict(settings)
+def method_settings(name: str) -> tuple[str, dict]:
+    """A name of ``--methods`` → (its method, ``apt`` or ``human``; the config settings it changes, by dotted name):
+    a named variant (:data:`NAMED_VARIANTS`) or a registered pixel perturbation (APT trained on that scheme alone)."""
+    if name in NAMED_VARIANTS:
+        method, settings = NAMED_VARIANTS[name]
+        return method, dict(settings)
     from .perturbations import list_perturbations
 
-    if method in list_perturbations(space="pixel"):
-        return "apt", {"perturb.generators": [method]}
-    raise ValueError(f"unknown method {method!r}: use one of {list(NAMED_VARIANTS)} or a registered pixel "
+    if name in list_perturbations(space="pixel"):
+        return "apt", {"perturb.generators": [name]}
+    raise ValueError(f"unknown method {name!r}: use one of {list(NAMED_VARIANTS)} or a registered pixel "
                      f"perturbation {list_perturbations(space='pixel')} (load your own with --plugin file.py)")
 
 
@@ -236,8 +236,8 @@ def _value(text: str, whole: str):
 
 
 def vary_variants(methods: Sequence[str], vary: Mapping[str, Sequence]) -> dict[str, tuple[str, dict]]:
-    """Every method × every combination of the varied values (their product), as named variants. A method whose
-    kind never reads a varied section (human prompts ignore perturb, prompts, smgs, train) is kept once.
+    """Every method × every combination of the varied values (their product), as named variants. Human prompts,
+    which never read a varied section (perturb, prompts, smgs, train), are kept once.
 
     Example:
         >>> list(vary_variants(["apt", "human"], {"smgs.lam": [0, 1]}))
@@ -245,14 +245,14 @@ def vary_variants(methods: Sequence[str], vary: Mapping[str, Sequence]) -> dict[
     """
     combos = [dict(zip(vary, values)) for values in itertools.product(*vary.values())]
     out = {}
-    for method in methods:
-        kind, settings = method_settings(method)
-        if kind == "human" and all(key.split(".")[0] in UNUSED_BY_HUMAN for key in vary):
-            out[method] = (kind, settings)
+    for name in methods:
+        method, settings = method_settings(name)
+        if method == "human" and all(key.split(".")[0] in UNUSED_BY_HUMAN for key in vary):
+            out[name] = (method, settings)
             continue
         for combo in combos:
             label = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in combo.items())
-            out[f"{method} {label}"] = (kind, {**settings, **combo})
+            out[f"{name} {label}"] = (method, {**settings, **combo})
     return out
 
 
@@ -402,11 +402,11 @@ def run_name(p: Plan) -> str:
         >>> run_name(Plan("demo", APTConfig.preset("quick"), shots=(2,), seeds=(0,), methods=("apt",)))
         'demo-quick-apt-k2-s0'
     """
-    kind = "severity" if p.severity else "sweep"
+    what = "severity" if p.severity else "sweep"
     if len(set(p.shots)) == 1 and len(set(p.seeds)) == 1 and len(p.methods) == 1 and not p.vary and not p.ablation:
-        kind = "severity" if p.severity else p.methods[0]
-        return check_name(f"{p.dataset}-{p.config.name}-{kind}-k{p.shots[0]}-s{p.seeds[0]}", "run name")
-    return check_name(f"{kind}-{p.dataset}-{p.config.name}", "run name")
+        what = "severity" if p.severity else p.methods[0]
+        return check_name(f"{p.dataset}-{p.config.name}-{what}-k{p.shots[0]}-s{p.seeds[0]}", "run name")
+    return check_name(f"{what}-{p.dataset}-{p.config.name}", "run name")
 
 
 VARIANT_FIELDS = ("method", "config", "code", "severity")  # one variant name in a folder: one computation
