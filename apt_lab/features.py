@@ -32,6 +32,7 @@ import torch
 
 from .backbone import Backbone, ImageFeatures
 from .data.files import Folder
+from .data.readers import file_digest
 
 FORMAT = "apt_lab.features/1"
 
@@ -117,7 +118,7 @@ class FeatureStore:
         digest = hashlib.sha256(json.dumps({"format": FORMAT, "backbone": self.signature(), "radius": radius},
                                            sort_keys=True).encode())
         for path in paths:
-            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())  # the image's content, not its name
+            digest.update(file_digest(path))  # the image's content, not its name
         return digest.hexdigest()
 
     def _write(self, file: Path, key: str, features: ImageFeatures, paths: list[str]) -> None:

@@ -40,7 +40,16 @@ from typing import Iterable, Mapping, Sequence
 from ._version import __version__
 from .config import APTConfig
 from .data.files import Folder, check_name
-from .store import CELLS_FILE, RUN_FILE, Cell, RunStore, cell_id, differences, plan, same_computation_note
+from .store import (
+    CELLS_FILE,
+    RUN_FILE,
+    Cell,
+    RunStore,
+    cell_id,
+    differences,
+    plan,
+    same_computation_note,
+)
 
 BUILTIN_METHODS = ("apt", "no-smgs", "human")  # the default methods of a sweep
 MAX_VARIANTS = 64  # --vary's product of values at most this (a typo like 6 keys × 10 values is 10⁶ variants)
@@ -303,13 +312,17 @@ def computation(config: APTConfig, method: str) -> dict:
     return {k: v for k, v in data.items() if not (method == "human" and k in UNUSED_BY_HUMAN)}
 
 
+def plan_variants(p: "Plan") -> dict[str, dict]:
+    """The plan's variants, resolved (:func:`resolve_variants`): its ablation's or methods' names × its ``vary``."""
+    methods = ablation_methods(p.ablation) if p.ablation else tuple(p.methods)
+    return resolve_variants(methods, p.config, vary_variants(methods, p.vary) if p.vary else None)
+
+
 # ------------------------------------------------------------------------------------------------- planning
 @dataclass
 class _Resolved:
-    """A plan made concrete (no model loaded): its variants, datasets, cells and what each cell computes."""
+    """A plan made concrete (no model loaded): its cells, what each computes, and the folder layout it asks for."""
 
-    variants: dict
-    datasets: dict
     cells: list
     computes: dict
     layout: dict
@@ -330,8 +343,7 @@ def resolve(p: Plan) -> _Resolved:
     bad = [key for key in vary if key in CELL_SET]
     if bad:
         raise ValueError(f"vary {bad[0]}: every cell sets its own; use {CELL_SET[bad[0]]} instead")
-    methods = ablation_methods(p.ablation) if p.ablation else tuple(p.methods)
-    variants = resolve_variants(methods, p.config, vary_variants(methods, vary) if vary else None)
+    variants = plan_variants(p)
     if p.reference is not None and p.reference not in variants:
         raise ValueError(f"reference {p.reference!r} is not one of this plan's variants {list(variants)}")
     datasets = check_datasets(p.dataset, p.categories, p.root, max(p.shots))
@@ -349,7 +361,7 @@ def resolve(p: Plan) -> _Resolved:
         for cell in plan([category], p.shots, p.seeds, list(variants), zero, rows + defects if spec else rows):
             computes[cell.key] = _computes(p, cell, dataset, fingerprint, variants[cell.variant], spec)
             cells.append(cell)
-    return _Resolved(variants, datasets, cells, computes, layout)
+    return _Resolved(cells, computes, layout)
 
 
 def _severity_spec(p: Plan, datasets: dict, layout: dict) -> tuple[list, dict]:
@@ -561,8 +573,7 @@ def run_cells(p: Plan, cells: Sequence[Cell], computes: Mapping[str, dict], arte
     if threads is not None:
         torch.set_num_threads(threads)
     load_plugins(p.plugins)
-    methods = ablation_methods(p.ablation) if p.ablation else tuple(p.methods)
-    variants = resolve_variants(methods, p.config, vary_variants(methods, p.vary) if p.vary else None)
+    variants = plan_variants(p)
     configs = {name: apply_settings(p.config, v["settings"]) for name, v in variants.items()}
     groups: dict[str, list[Cell]] = {}
     for cell in cells:

@@ -206,6 +206,19 @@ class Split(Sequence):
         return out
 
 
+_DIGESTS: dict[tuple[str, int, int], bytes] = {}  # (path, size, mtime_ns) → SHA-256 of the bytes, this process
+
+
+def file_digest(path: str | os.PathLike) -> bytes:
+    """SHA-256 of a file's bytes, read once per process while its size and modification time stay the same: the
+    run store's fingerprint and the feature cache's key both hash every image, and a sweep asks for both."""
+    info = os.stat(path)
+    key = (str(path), info.st_size, info.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(Path(path).read_bytes()).digest()
+    return _DIGESTS[key]
+
+
 @dataclass
 class Dataset:
     """One category of a dataset: ``train`` (normal images only) and ``test`` splits.
@@ -267,7 +280,7 @@ class Dataset:
                         continue
                     rel = os.path.relpath(path, self.root).replace(os.sep, "/")
                     digest.update(f"{kind}|{rel}|{rec.label}|".encode())
-                    digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+                    digest.update(file_digest(path))
         return digest.hexdigest()
 
     def __repr__(self) -> str:
